@@ -1,0 +1,16 @@
+"""prune_lab: an interactive analysis environment for pruning neural networks.
+
+>>> import prune_lab as pl
+>>> "lap" in pl.list_methods(), pl.list_allocations()
+(True, ['uniform', 'global', 'lamp', 'uniform_plus', 'erk'])
+"""
+from ._version import __version__
+from .core.allocation import list_allocations
+from .core.graph import build_graph, prunable_parameters
+from .engine import PruneResult, PruneSession, prune, score
+from .methods import get_method, list_methods
+
+__all__ = [
+    "PruneResult", "PruneSession", "__version__", "build_graph", "get_method", "list_allocations", "list_methods",
+    "prunable_parameters", "prune", "score",
+]

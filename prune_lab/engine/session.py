@@ -1,0 +1,288 @@
+"""PruneSession: score once, threshold many.
+
+A session keeps, per (method, hyperparameters, seed, starting masks, weights fingerprint), a
+:class:`~prune_lab.core.ranking.Ranking` of the scores. A new sparsity is then a per-layer lookup (a bisection of
+``searchsorted`` calls for global allocations): the result's per-layer counts, sparsities and Frobenius distortions
+come without building masks or sorting again. Sparsity-dependent methods cache their masks per sparsity.
+
+The user's model is never changed: weights are read (detached), never written. When the model's weights change
+after the session was made (training, loading a checkpoint), the next call notices (tensor version counters), takes
+a new fingerprint and scores again.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.allocation import AllocationContext, allocate, get_allocation
+from ..core.graph import build_graph, bn_scales
+from ..core.ranking import Ranking
+from ..core.validation import check_sparsity
+from ..methods.registry import MethodSpec, ScoreContext, get_method
+from .result import PruneResult
+
+
+def resolve_device(device="auto") -> torch.device:
+    """``"auto"`` → CUDA when present, else CPU; anything else through ``torch.device`` (with a clear error)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'.")
+    return dev
+
+
+@dataclass
+class _State:
+    token: tuple
+    fingerprint: str
+    weights: dict  # every Linear/Conv weight of the graph, detached, on the session's device
+    scales: dict  # BatchNorm factors
+
+
+class PruneSession:
+    """Prune one model many times, fast.
+
+    ``model``: any ``nn.Module`` (never modified); ``data``: a prune_lab data bundle, a DataLoader or an
+    ``(inputs, targets)`` batch, for methods that need data and for :meth:`evaluate`; ``device``: ``"auto"`` (CUDA
+    when present), ``"cpu"``, ``"cuda"``; ``include`` / ``exclude``: glob patterns on weight names narrowing the
+    prunable set.
+
+    >>> import torch, prune_lab as pl
+    >>> s = pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    >>> [round(s.prune("lamp", x).sparsity, 3) for x in (0.5, 0.9)]
+    [0.5, 0.9]
+    """
+
+    max_cached = 32
+
+    def __init__(self, model: nn.Module, data=None, *, device="auto", include=None, exclude=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.data = data
+        self.device = resolve_device(device)
+        self.graph = build_graph(model, include=include, exclude=exclude)
+        self.layer_names = list(self.graph.prunable)
+        if not self.layer_names:
+            what = "no Linear or Conv1d/2d/3d weight" if not self.graph.layers else \
+                "no Linear or Conv weight left after include/exclude"
+            raise ValueError(f"model {type(model).__name__} has nothing to prune: {what}. prune_lab prunes the "
+                             f"'weight' of nn.Linear and nn.Conv1d/2d/3d layers.")
+        params = dict(model.named_parameters())
+        self._params = {n: params[n] for n in self.graph.layers}
+        modules = dict(model.named_modules())
+        self._bn = {n: modules[n] for n in self.graph.bn_modules}
+        self._shapes = tuple(tuple(self._params[n].shape) for n in self.layer_names)
+        self._is_conv = tuple(self.graph.layers[n].is_conv for n in self.layer_names)
+        self._state: _State | None = None
+        self._rankings: OrderedDict = OrderedDict()
+        self._masks: OrderedDict = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # weights and fingerprint
+    # ------------------------------------------------------------------------------------------------------------
+    def _token(self) -> tuple:
+        tensors = list(self._params.values())
+        for bn in self._bn.values():
+            tensors += [t for t in (bn.weight, bn.running_var) if t is not None]
+        return tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors)
+
+    def _snapshot(self) -> _State:
+        token = self._token()
+        if self._state is not None and self._state.token == token:
+            return self._state
+        weights = {}
+        h = hashlib.blake2b(digest_size=16)
+        for n, p in self._params.items():
+            w = p.detach()
+            if not torch.isfinite(w).all():
+                bad = "NaN" if torch.isnan(w).any() else "Inf"
+                raise ValueError(f"weight {n!r} contains {bad} values; prune_lab cannot rank them. Fix or "
+                                 f"re-initialise that layer first.")
+            h.update(n.encode())
+            h.update(w.cpu().contiguous().numpy().tobytes() if w.dtype != torch.bfloat16 else
+                     w.float().cpu().numpy().tobytes())
+            weights[n] = w.to(self.device)
+        scales = {k: v.to(self.device) for k, v in bn_scales(self.model, self._bn).items()}
+        for k in sorted(scales):
+            h.update(k.encode())
+            h.update(scales[k].cpu().numpy().tobytes())
+        self._state = _State(token, h.hexdigest(), weights, scales)
+        return self._state
+
+    @property
+    def fingerprint(self) -> str:
+        """A content hash of the model's Linear/Conv weights and BatchNorm factors."""
+        return self._snapshot().fingerprint
+
+    # ------------------------------------------------------------------------------------------------------------
+    # scores and rankings
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_masks(self, masks) -> dict | None:
+        if masks is None:
+            return None
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict {{name: BoolTensor}}, got {type(masks).__name__}.")
+        for n in masks:
+            if n not in self.layer_names:
+                raise ValueError(f"masks do not fit this model: {n!r} is not one of its prunable weights "
+                                 f"({', '.join(self.layer_names[:5])}{', …' if len(self.layer_names) > 5 else ''}).")
+        out = {}
+        for n in self.layer_names:
+            if n not in masks:
+                raise ValueError(f"masks do not fit this model: no mask for prunable weight {n!r}.")
+            m = torch.as_tensor(masks[n])
+            if tuple(m.shape) != tuple(self._params[n].shape):
+                raise ValueError(f"masks do not fit this model: the mask of {n!r} has shape {tuple(m.shape)}, "
+                                 f"the weight {tuple(self._params[n].shape)}.")
+            out[n] = m.to(device=self.device, dtype=torch.bool)
+        return out
+
+    @staticmethod
+    def _masks_key(masks) -> str:
+        if masks is None:
+            return ""
+        h = hashlib.blake2b(digest_size=16)
+        for n in sorted(masks):
+            h.update(n.encode())
+            h.update(np.packbits(masks[n].cpu().numpy().reshape(-1)).tobytes())
+        return h.hexdigest()
+
+    def _context(self, state: _State, seed: int, start: dict | None) -> ScoreContext:
+        weights = dict(state.weights)
+        if start is not None:
+            for n, m in start.items():
+                weights[n] = weights[n] * m
+        return ScoreContext(weights=weights, prunable=list(self.layer_names), graph=self.graph,
+                            bn_scales=state.scales, seed=int(seed), model=self.model, data=self.data,
+                            device=self.device, start_masks=start)
+
+    def _check_needs(self, spec: MethodSpec):
+        if "data" in spec.needs and self.data is None:
+            raise ValueError(f"method {spec.name!r} needs data (a batch, a DataLoader or a prune_lab dataset); "
+                             f"pass data=... to the session or to prune().")
+
+    def _key(self, spec: MethodSpec, hp, seed: int, start_key: str, state: _State) -> tuple:
+        return (spec.name, tuple(sorted(asdict(hp).items())), int(seed) if spec.stochastic else None,
+                start_key, state.fingerprint)
+
+    def _remember(self, cache: OrderedDict, key, value):
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self.max_cached:
+            cache.popitem(last=False)
+
+    def _raw_scores(self, spec: MethodSpec, hp, seed: int, start: dict | None, state: _State) -> dict:
+        self._check_needs(spec)
+        scores = spec.scores(self._context(state, seed, start), hp)
+        if start is not None:  # already-pruned weights come first, so the new masks nest inside the old ones
+            scores = {n: torch.where(start[n], s.float(), torch.full_like(s, float("-inf"), dtype=torch.float32))
+                      for n, s in scores.items()}
+        return scores
+
+    def _ranking(self, spec: MethodSpec, hp, seed: int, start: dict | None, start_key: str) -> Ranking:
+        state = self._snapshot()
+        key = self._key(spec, hp, seed, start_key, state)
+        hit = self._rankings.get(key)
+        if hit is not None:
+            self._rankings.move_to_end(key)
+            return hit
+        scores = self._raw_scores(spec, hp, seed, start, state)
+        ranking = Ranking(self.layer_names, scores, state.weights)
+        self._remember(self._rankings, key, ranking)
+        return ranking
+
+    def scores(self, method: str, *, seed: int = 0, masks=None, **hp) -> dict:
+        """Raw per-weight scores ``{name: Tensor}`` of ``method`` (higher = keep), shapes of the weights."""
+        spec = get_method(method)
+        hpo = spec.make_hyperparameters(**hp)
+        start = self._check_masks(masks)
+        return self._raw_scores(spec, hpo, seed, start, self._snapshot())
+
+    def ranking(self, method: str, *, seed: int = 0, **hp) -> Ranking:
+        """The cached :class:`~prune_lab.core.ranking.Ranking` of ``method``'s scores (computed on first use)."""
+        spec = get_method(method)
+        return self._ranking(spec, spec.make_hyperparameters(**hp), seed, None, "")
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cached rankings and masks."""
+        n = sum(r.nbytes() for r in self._rankings.values())
+        for masks in self._masks.values():
+            n += sum(m.numel() for m in masks.values())
+        return n
+
+    def clear_cache(self):
+        self._rankings.clear()
+        self._masks.clear()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # pruning
+    # ------------------------------------------------------------------------------------------------------------
+    def prune(self, method: str, sparsity: float, *, allocation: str | None = None, seed: int = 0, masks=None,
+              **hp) -> PruneResult:
+        """Prune at ``sparsity`` (fraction removed, in [0, 1)) with ``method`` and ``allocation`` (default: the
+        method's paper's allocation). ``masks``: start from these (already-pruned weights stay pruned; the result
+        nests inside them). ``hp``: the method's hyperparameters. Repeat calls at other sparsities are lookups.
+        """
+        spec = get_method(method)
+        s = check_sparsity(sparsity)
+        alloc = get_allocation(allocation if allocation is not None else spec.default_allocation).name
+        hpo = spec.make_hyperparameters(**hp)
+        self._check_needs(spec)
+        start = self._check_masks(masks)
+        start_key = self._masks_key(start)
+        ranking = self._ranking(spec, hpo, seed, start, start_key)
+        ctx = AllocationContext(
+            names=tuple(self.layer_names), shapes=self._shapes, is_conv=self._is_conv,
+            ranking=lambda: ranking,
+            lamp_ranking=lambda: self._ranking(get_method("lamp"), get_method("lamp").make_hyperparameters(), 0,
+                                               start, start_key))
+        counts = allocate(alloc, s, ctx)
+        if start is not None:
+            already = np.asarray([int((~start[n]).sum()) for n in self.layer_names])
+            short = np.nonzero(counts < already)[0]
+            if short.size:
+                n = self.layer_names[short[0]]
+                raise ValueError(
+                    f"sparsity {s:g} with allocation {alloc!r} would prune {counts[short[0]]} weights of {n!r}, "
+                    f"but the starting masks already prune {already[short[0]]} there; ask for a higher sparsity.")
+        state = self._snapshot()
+        device = self._params[self.layer_names[0]].device
+        common = dict(method=spec.name, allocation=alloc, target_sparsity=s, hyperparameters=asdict(hpo),
+                      seed=int(seed) if spec.stochastic else None, layers=tuple(self.layer_names),
+                      numel=tuple(int(x) for x in ranking.sizes), pruned=tuple(int(c) for c in counts),
+                      model_fingerprint=state.fingerprint)
+        norms = dict(zip(self.layer_names, ranking.weight_norms().tolist()))
+        if spec.sparsity_dependent:
+            key = self._key(spec, hpo, seed, start_key, state) + (alloc, tuple(common["pruned"]))
+            built = self._masks.get(key)
+            if built is None:
+                ctx_s = self._context(state, seed, start)
+                built = spec.masks(ctx_s, dict(zip(self.layer_names, counts.tolist())), hpo)
+                self._remember(self._masks, key, built)
+            frob = {n: float((state.weights[n].float() * (~built[n])).pow(2).sum().sqrt()) for n in self.layer_names}
+            return PruneResult(**common, frobenius=frob, weight_norms=norms,
+                               _masks={n: m.to(device) for n, m in built.items()})
+        frob = dict(zip(self.layer_names, ranking.frobenius(counts).tolist()))
+        return PruneResult(**common, frobenius=frob, weight_norms=norms,
+                           _mask_builder=lambda: ranking.masks(counts, device=device))
+
+    def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
+        """``{"accuracy", "loss"}`` of the model with ``result``'s masks (dense when ``None``) on held-out data.
+        The model is not modified: masked weights go through ``torch.func.functional_call``."""
+        from ..training import evaluate
+
+        data = data if data is not None else self.data
+        if data is None:
+            raise ValueError("evaluate needs data: pass data=... here or when creating the session.")
+        masks = None if result is None else result.masks
+        return evaluate(self.model, data, masks=masks, **kw)

@@ -1,0 +1,111 @@
+"""The registry of pruning methods: one record per method, read by the engine, the lab's controls, the CLI and the
+contract tests. No ``if method == ...`` chains anywhere else."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..core.graph import LayerGraph
+from ..core.validation import check_choice
+
+
+@dataclass
+class ScoreContext:
+    """What a method's score function may use.
+
+    ``weights``: every Linear/Conv weight of the graph (neighbours included), detached, on ``device``, already
+    multiplied by the starting masks when there are any; ``prunable``: the names to score, in data-flow order;
+    ``bn_scales``: ``{bn module: |γ/√(var+ε)|}``; ``model`` and ``data`` for data-driven methods (never modified).
+    """
+
+    weights: dict
+    prunable: list
+    graph: LayerGraph
+    bn_scales: dict
+    seed: int = 0
+    model: torch.nn.Module | None = None
+    data: object = None
+    device: torch.device = torch.device("cpu")
+    start_masks: dict | None = None
+
+
+def hparam(default, *, low=None, high=None, choices=None, log=False, help=""):
+    """A hyperparameter field: its default, range or choices and help text (the lab builds its controls from them)."""
+    return field(default=default, metadata={"low": low, "high": high, "choices": choices, "log": log, "help": help})
+
+
+@dataclass(frozen=True)
+class NoHyperparameters:
+    """This method has no hyperparameters."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One pruning method.
+
+    ``scores(ctx, hp) -> {name: Tensor}`` gives per-weight scores (higher = keep). Sparsity-dependent methods also
+    give ``masks(ctx, counts, hp) -> {name: BoolTensor}``: the engine passes the per-layer pruned counts of the
+    allocation (computed on ``scores`` for global-type allocations).
+    """
+
+    name: str
+    label: str
+    reference: str
+    scores: Callable
+    default_allocation: str
+    needs: frozenset = frozenset()  # subset of {"data", "gradients", "hessian", "graph"}
+    sparsity_dependent: bool = False
+    stochastic: bool = False  # the scores depend on the seed
+    hyperparameters: type = NoHyperparameters
+    masks: Callable | None = None
+    description: str = ""
+
+    def make_hyperparameters(self, **hp):
+        """Validate keyword hyperparameters against the method's declared ones; returns the dataclass instance."""
+        fields = {f.name: f for f in dataclasses.fields(self.hyperparameters)}
+        unknown = [k for k in hp if k not in fields]
+        if unknown:
+            valid = ", ".join(fields) if fields else "none"
+            raise TypeError(f"method {self.name!r} got unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                            f"its hyperparameters are: {valid}.")
+        for k, v in hp.items():
+            meta = fields[k].metadata
+            if meta.get("choices") is not None and v not in meta["choices"]:
+                raise ValueError(f"hyperparameter {k!r} of method {self.name!r} must be one of {meta['choices']}, "
+                                 f"got {v!r}.")
+            low, high = meta.get("low"), meta.get("high")
+            if (low is not None and v < low) or (high is not None and v > high):
+                raise ValueError(f"hyperparameter {k!r} of method {self.name!r} must be in [{low}, {high}], got {v!r}.")
+        return self.hyperparameters(**hp)
+
+    def hyperparameter_fields(self) -> list:
+        """``[(name, default, metadata)]`` of the declared hyperparameters."""
+        return [(f.name, f.default, dict(f.metadata)) for f in dataclasses.fields(self.hyperparameters)]
+
+
+_METHODS: dict = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry. Registering a name twice is an error."""
+    if spec.name in _METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered.")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """The record of method ``name``; ``ValueError`` naming the valid choices otherwise."""
+    return _METHODS[check_choice(name, _METHODS, what="method")]
+
+
+def list_methods() -> list:
+    """Names of the registered methods, in registration order.
+
+    >>> "lamp" in list_methods()
+    True
+    """
+    return list(_METHODS)
