@@ -2,11 +2,13 @@
 
 A :class:`Ranking` holds, for every layer, the order in which its weights are pruned (ascending score, ties broken
 by position: a stable sort), the cumulative sum of ``w²`` in that order (so the single-layer Frobenius distortion of
-pruning the k lowest is ``sqrt(csum[k])``), and one flat array of integer keys, sorted, that answers "how many of
-each layer's weights fall among the K lowest scores of the whole model" with one ``searchsorted`` per step of a
-32-step bisection, without a global sort.
+pruning the k lowest is ``sqrt(csum[k])``), and the sorted scores as order-preserving int32 keys. "How many of each
+layer's weights fall among the K lowest scores of the whole model" is a bisection over the key space with one
+``searchsorted`` per layer and step: no global sort, no concatenation of all scores.
 
-Memory: 4 bytes (order, int32) + 4 bytes (cumulative w², float32, summed in float64) + 8 bytes (key) per weight.
+Memory per weight: 4 bytes of order (int32, on the session's device), 4 bytes of cumulative ``w²`` (float32, summed
+in float64) and 4 bytes of key (int32, host memory, where the bisection runs). Rankings that share an order (LAMP
+ranks weights in magnitude order) share the first two.
 """
 from __future__ import annotations
 
@@ -15,13 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-_INT32_SIGN = 1 << 31
-
 
 def ordered_int32(values: torch.Tensor) -> torch.Tensor:
     """Map float32 values to int32 keys with the same order (``-0.0`` and ``0.0`` equal). ``(n,) → (n,)``.
 
-    >>> ordered_int32(torch.tensor([-2.0, -1.0, 0.0, 1.5])).tolist() == sorted(ordered_int32(torch.tensor([-2.0, -1.0, 0.0, 1.5])).tolist())
+    >>> ordered_int32(torch.tensor([-2.0, -0.5, 0.0, 1.5])).diff().gt(0).all().item()
     True
     """
     v = values.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
@@ -31,10 +31,12 @@ def ordered_int32(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerRank:
-    """One layer's sorted scores. ``order: (n,)`` indices, lowest score first; ``csum: (n+1,)`` cumulative ``w²``."""
+    """One layer's sorted scores: ``order: (n,)`` indices, lowest score first; ``csum: (n+1,)`` cumulative ``w²`` in
+    that order; ``keys: (n,)`` the sorted scores as int32 keys (host memory)."""
 
     order: torch.Tensor
     csum: torch.Tensor
+    keys: np.ndarray
     shape: tuple
 
     @property
@@ -42,79 +44,99 @@ class LayerRank:
         return self.order.numel()
 
 
-class Ranking:
-    """Sorted scores of every layer (see the module docstring).
+def _check_scores(name, s: torch.Tensor):
+    if s.is_floating_point() and torch.isnan(s).any():
+        raise ValueError(f"scores of layer {name!r} contain NaN; check the weights and data of that layer.")
 
-    ``scores`` and ``weights``: ``{name: Tensor}`` of equal shapes; ``names`` fixes the layer order (the order in
-    which ties between layers are broken by the global selection).
+
+def _keys(sorted_values: torch.Tensor) -> np.ndarray:
+    return ordered_int32(sorted_values).cpu().numpy()
+
+
+class Ranking:
+    """Sorted scores of every layer (see the module docstring). Build with :meth:`from_scores`.
 
     >>> w = {"a": torch.tensor([0.1, -0.5, 0.3]), "b": torch.tensor([0.2, 0.05])}
-    >>> r = Ranking(["a", "b"], {k: v.abs() for k, v in w.items()}, w)
+    >>> r = Ranking.from_scores(["a", "b"], {k: v.abs() for k, v in w.items()}, w)
     >>> r.global_counts(2).tolist()
     [1, 1]
     >>> r.masks([1, 1])["a"].tolist()
     [False, True, True]
     """
 
-    def __init__(self, names, scores: dict, weights: dict):
+    def __init__(self, names, layers: dict):
         self.names = list(names)
-        self.layers: dict = {}
-        keys = []
-        for i, name in enumerate(self.names):
+        self.layers = layers
+        self.sizes = np.asarray([layers[n].numel for n in self.names], dtype=np.int64)
+        self.total = int(self.sizes.sum())
+
+    @classmethod
+    def from_scores(cls, names, scores: dict, weights: dict) -> "Ranking":
+        """Sort ``scores`` (``{name: Tensor}``, any shape) layer by layer; ``weights`` of the same shapes give the
+        cumulative ``w²``."""
+        layers = {}
+        for name in names:
             s = scores[name].detach().reshape(-1)
-            if s.is_floating_point() and torch.isnan(s).any():
-                raise ValueError(f"scores of layer {name!r} contain NaN; check the weights and data of that layer.")
-            s = s.to(torch.float32)
-            vals, order = torch.sort(s, stable=True)
-            w2 = weights[name].detach().reshape(-1).to(torch.float64)[order].pow(2)
+            _check_scores(name, s)
+            vals, order = torch.sort(s.to(torch.float32), stable=True)
+            idx_dtype = torch.int32 if s.numel() < 2**31 else torch.int64
+            order = order.to(idx_dtype)
+            w2 = weights[name].detach().reshape(-1).index_select(0, order).to(torch.float64).pow(2)
             csum = torch.zeros(w2.numel() + 1, dtype=torch.float64, device=w2.device)
             torch.cumsum(w2, 0, out=csum[1:])
-            idx_dtype = torch.int32 if s.numel() < 2**31 else torch.int64
-            self.layers[name] = LayerRank(order.to(idx_dtype), csum.to(torch.float32), tuple(scores[name].shape))
-            keys.append(ordered_int32(vals).to(torch.int64) + (_INT32_SIGN + (i << 32)))
-            del vals, w2
-        self.keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
-        sizes = [self.layers[n].numel for n in self.names]
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self._starts = torch.as_tensor(np.concatenate([[0], np.cumsum(self.sizes)[:-1]]), dtype=torch.int64,
-                                       device=self.keys.device)
-        self._layer_base = torch.arange(len(self.names), dtype=torch.int64, device=self.keys.device) << 32
-        self.total = int(self.sizes.sum())
+            layers[name] = LayerRank(order, csum.to(torch.float32), _keys(vals),
+                                     tuple(scores[name].shape))
+            del vals, w2, csum
+        return cls(names, layers)
+
+    def with_sorted_values(self, values: dict) -> "Ranking":
+        """A ranking with the same orders (and cumulative sums, shared, not copied) and new sorted score values
+        ``{name: (n,) non-decreasing}``: for scores known to rank weights in this ranking's order (LAMP)."""
+        layers = {}
+        for n in self.names:
+            v = values[n].detach().reshape(-1)
+            _check_scores(n, v)
+            lr = self.layers[n]
+            layers[n] = LayerRank(lr.order, lr.csum, _keys(v), lr.shape)
+        return Ranking(self.names, layers)
 
     # ------------------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held by the cache (orders, cumulative sums and keys)."""
-        n = self.keys.numel() * self.keys.element_size()
+        """Bytes held (orders, cumulative sums and keys; shared tensors counted in each ranking)."""
+        n = 0
         for lr in self.layers.values():
             n += lr.order.numel() * lr.order.element_size() + lr.csum.numel() * lr.csum.element_size()
+            n += lr.keys.nbytes
         return n
 
-    def _counts_at(self, v: int, right: bool) -> torch.Tensor:
-        q = self._layer_base + (v + _INT32_SIGN)
-        return torch.searchsorted(self.keys, q, right=right) - self._starts
+    def _count(self, v: np.int32, side: str) -> np.ndarray:
+        return np.fromiter((self.layers[n].keys.searchsorted(v, side) for n in self.names), dtype=np.int64,
+                           count=len(self.names))
 
     def global_counts(self, k: int) -> np.ndarray:
         """Per-layer number of weights among the ``k`` lowest scores of all layers (ties: earlier layer, then
-        earlier position, as a stable sort of the concatenated scores). ``O(#layers · log n)`` per bisection step.
+        earlier position, as a stable sort of the concatenated scores would give). ``O(#layers · log n)`` per
+        bisection step, 32 steps at most.
         """
         k = int(k)
         if k <= 0:
             return np.zeros(len(self.names), dtype=np.int64)
         if k >= self.total:
             return self.sizes.copy()
-        lo, hi = -_INT32_SIGN, _INT32_SIGN - 1  # smallest v with #(key <= v) >= k
-        while lo < hi:
+        nonempty = [self.layers[n].keys for n in self.names if self.layers[n].numel]
+        lo = int(min(k_[0] for k_ in nonempty))
+        hi = int(max(k_[-1] for k_ in nonempty))
+        while lo < hi:  # smallest key v with #(key <= v) >= k
             mid = (lo + hi) // 2
-            if int(self._counts_at(mid, right=True).sum()) >= k:
+            if sum(self.layers[n].keys.searchsorted(np.int32(mid), "right") for n in self.names) >= k:
                 hi = mid
             else:
                 lo = mid + 1
-        le = self._counts_at(lo, right=True).cpu().numpy()
-        lt = self._counts_at(lo, right=False).cpu().numpy()
+        v = np.int32(lo)
+        le, lt = self._count(v, "right"), self._count(v, "left")
         eq = le - lt
-        remaining = k - int(lt.sum())
         before = np.cumsum(eq) - eq
-        take = np.clip(remaining - before, 0, eq)
+        take = np.clip(k - int(lt.sum()) - before, 0, eq)
         return lt + take
 
     def frobenius(self, counts) -> np.ndarray:
@@ -123,9 +145,9 @@ class Ranking:
 
     def weight_norms(self) -> np.ndarray:
         """``‖W‖_F`` per layer."""
-        return np.sqrt(np.maximum([float(self.layers[n].csum[-1]) for n in self.names], 0.0))
+        return self.frobenius(self.sizes)
 
-    def frobenius_curve(self, counts: np.ndarray) -> np.ndarray:
+    def frobenius_curve(self, counts) -> np.ndarray:
         """Distortion for many count vectors at once: ``counts: (points, layers) → (points, layers)``."""
         counts = np.asarray(counts, dtype=np.int64)
         out = np.empty(counts.shape, dtype=np.float64)
@@ -141,6 +163,7 @@ class Ranking:
         for n, c in zip(self.names, counts):
             lr = self.layers[n]
             m = torch.ones(lr.numel, dtype=torch.bool, device=lr.order.device)
-            m[lr.order[: int(c)].long()] = False
-            out[n] = m.reshape(lr.shape).to(device) if device is not None else m.reshape(lr.shape)
+            m.index_fill_(0, lr.order[: int(c)].long(), False)
+            m = m.reshape(lr.shape)
+            out[n] = m.to(device) if device is not None else m
         return out

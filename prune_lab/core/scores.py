@@ -31,6 +31,15 @@ def random_scores(weights: dict, seed: int = 0) -> dict:
     return {n: torch.rand(w.shape, generator=g).to(w.device) for n, w in weights.items()}
 
 
+def lamp_sorted_values(w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one layer in ascending-magnitude ``order`` (``(n,)`` indices, stable): ``w_u² / Σ_{v ≥ u}
+    w_v²``, summed in float64; non-decreasing. ``w``: any shape with n entries → ``(n,)`` float32."""
+    w2 = w.detach().reshape(-1).index_select(0, order).to(torch.float64).pow(2)
+    suffix = w2.flip(0).cumsum(0).flip(0)
+    s = torch.where(suffix > 0, w2 / suffix.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(suffix))
+    return s.to(torch.float32)
+
+
 def lamp_scores(weights: dict) -> dict:
     """LAMP: sort a layer's weights ascending by ``|w|`` (index u, stable); ``score(u) = w_u² / Σ_{v ≥ u} w_v²``.
 
@@ -41,14 +50,10 @@ def lamp_scores(weights: dict) -> dict:
     """
     out = {}
     for n, w in weights.items():
-        w2 = w.detach().reshape(-1).to(torch.float64).pow(2)
-        sorted_w2, order = torch.sort(w2, stable=True)
-        suffix = sorted_w2.flip(0).cumsum(0).flip(0)
-        s = torch.where(suffix > 0, sorted_w2 / suffix.clamp_min(torch.finfo(torch.float64).tiny),
-                        torch.zeros_like(suffix))
-        score = torch.empty_like(s)
-        score[order] = s
-        out[n] = score.to(torch.float32).reshape(w.shape)
+        order = torch.sort(w.detach().reshape(-1).abs(), stable=True).indices
+        score = torch.empty(order.numel(), dtype=torch.float32, device=w.device)
+        score[order] = lamp_sorted_values(w, order)
+        out[n] = score.reshape(w.shape)
     return out
 
 

@@ -139,6 +139,30 @@ def _tv_download(kind: str, root: Path) -> None:
     getattr(tvd, kind)(str(root), train=True, download=True)
 
 
+def _download(kind: str, root: Path, subdirs: Sequence[str] = ()) -> None:
+    """Call :func:`_tv_download`; when it fails, remove the (empty) folders the attempt created, so a failed
+    download leaves the user's disk as it was. Re-raises the download error."""
+    candidates = [root.joinpath(*subdirs[: i + 1]) for i in reversed(range(len(subdirs)))] + [root, *root.parents]
+    created = [d for d in candidates if not d.exists()]
+    try:
+        _tv_download(kind, root)
+    except BaseException:
+        for d in created:  # deepest first; rmdir refuses non-empty folders
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, shortened to about ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _locate(folders: Sequence[Path], stem: str) -> Path | None:
     for folder in folders:
         for name in (stem, stem + ".gz"):
@@ -178,7 +202,7 @@ def _idx_bundle(
     download_error: BaseException | None = None
     if not all(files.values()) and download:
         try:
-            _tv_download(tv_kind, root)
+            _download(tv_kind, root, (tv_kind, "raw"))
         except Exception as exc:  # offline, read-only folder, a failed mirror: report it below
             download_error = exc
         files = locate_all()
@@ -196,7 +220,7 @@ def _idx_bundle(
         )
 
     why = (
-        f"the download failed ({type(download_error).__name__}: {download_error})"
+        f"the download failed ({_first_line(download_error)})"
         if download_error is not None
         else ("download=False, so nothing was downloaded" if not download else "the download left no files")
     )
@@ -223,7 +247,7 @@ def _idx_bundle(
     raise DataUnavailableError(
         f"{name}: dataset files not found. Expected {expected} in {where}; {why}. "
         f"Copy the files there, pass root=<folder holding them>, or set PRUNE_LAB_DATA."
-    )
+    ) from download_error
 
 
 def mnist(root=None, download: bool = True, *, seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
@@ -275,11 +299,11 @@ def cifar10(root=None, download: bool = True) -> DataBundle:
             why = "download=False, so nothing was downloaded"
         else:
             try:
-                _tv_download("CIFAR10", root)
+                _download("CIFAR10", root)
                 train, test = load()
                 why = None
             except Exception as exc:
-                why = f"the download failed ({type(exc).__name__}: {exc})"
+                why = f"the download failed ({_first_line(exc)})"
         if why is not None:
             raise DataUnavailableError(
                 f"cifar10: dataset files not found. Expected data_batch_1 ... data_batch_5, test_batch and "

@@ -172,7 +172,9 @@ class PruneSession:
                              f"pass data=... to the session or to prune().")
 
     def _key(self, spec: MethodSpec, hp, seed: int, start_key: str, state: _State) -> tuple:
-        return (spec.name, tuple(sorted(asdict(hp).items())), int(seed) if spec.stochastic else None,
+        # Keyed by the score function, not the name: methods that share scores (magnitude, global_magnitude) share
+        # one ranking.
+        return (spec.scores, tuple(sorted(asdict(hp).items())), int(seed) if spec.stochastic else None,
                 start_key, state.fingerprint)
 
     def _remember(self, cache: OrderedDict, key, value):
@@ -196,8 +198,18 @@ class PruneSession:
         if hit is not None:
             self._rankings.move_to_end(key)
             return hit
-        scores = self._raw_scores(spec, hp, seed, start, state)
-        ranking = Ranking(self.layer_names, scores, state.weights)
+        if spec.order_of is not None:
+            base_spec = get_method(spec.order_of)
+            base = self._ranking(base_spec, base_spec.make_hyperparameters(), seed, start, start_key)
+            orders = {n: base.layers[n].order for n in self.layer_names}
+            values = spec.sorted_values(self._context(state, seed, start), hp, orders)
+            if start is not None:  # already-pruned weights lead the base order: keep them first
+                for n, v in values.items():
+                    v[: int((~start[n]).sum())] = float("-inf")
+            ranking = base.with_sorted_values(values)
+        else:
+            scores = self._raw_scores(spec, hp, seed, start, state)
+            ranking = Ranking.from_scores(self.layer_names, scores, state.weights)
         self._remember(self._rankings, key, ranking)
         return ranking
 
@@ -214,10 +226,16 @@ class PruneSession:
         return self._ranking(spec, spec.make_hyperparameters(**hp), seed, None, "")
 
     def cache_nbytes(self) -> int:
-        """Bytes held by the cached rankings and masks."""
-        n = sum(r.nbytes() for r in self._rankings.values())
-        for masks in self._masks.values():
-            n += sum(m.numel() for m in masks.values())
+        """Bytes held by the cached rankings and masks (tensors shared between rankings counted once)."""
+        seen, n = set(), 0
+        arrays = [(lr.order, lr.csum, lr.keys) for r in self._rankings.values() for lr in r.layers.values()]
+        arrays += [(m,) for masks in self._masks.values() for m in masks.values()]
+        for group in arrays:
+            for a in group:
+                ptr = a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data
+                if ptr not in seen:
+                    seen.add(ptr)
+                    n += a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
         return n
 
     def clear_cache(self):

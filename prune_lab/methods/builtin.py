@@ -16,6 +16,10 @@ def _lamp(ctx, hp):
     return S.lamp_scores({n: ctx.weights[n] for n in ctx.prunable})
 
 
+def _lamp_sorted(ctx, hp, orders):
+    return {n: S.lamp_sorted_values(ctx.weights[n], orders[n]) for n in ctx.prunable}
+
+
 def _lap(ctx, hp):
     return S.lap_scores(ctx.weights, ctx.graph, ctx.bn_scales, names=ctx.prunable)
 
@@ -39,7 +43,7 @@ register_method(MethodSpec(
     "global_magnitude", "Global magnitude", "Han et al. 2015; LAMP baseline", _magnitude, "global",
     description="|w| with one threshold across all layers."))
 register_method(MethodSpec(
-    "lamp", "LAMP", LAMP_REF, _lamp, "global",
+    "lamp", "LAMP", LAMP_REF, _lamp, "global", order_of="magnitude", sorted_values=_lamp_sorted,
     description="w_u² / Σ_{v≥u} w_v² within each layer, one global threshold."))
 register_method(MethodSpec(
     "lap", "LAP", LAP_REF, _lap, "uniform", needs=frozenset({"graph"}),

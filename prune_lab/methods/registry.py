@@ -48,7 +48,10 @@ class MethodSpec:
 
     ``scores(ctx, hp) -> {name: Tensor}`` gives per-weight scores (higher = keep). Sparsity-dependent methods also
     give ``masks(ctx, counts, hp) -> {name: BoolTensor}``: the engine passes the per-layer pruned counts of the
-    allocation (computed on ``scores`` for global-type allocations).
+    allocation (computed on ``scores`` for global-type allocations). A method whose scores rank each layer's weights
+    exactly as another method does may say so with ``order_of`` (that method's name) and give
+    ``sorted_values(ctx, hp, order) -> {name: (n,) non-decreasing}``: the engine then reuses the other ranking's
+    sort instead of sorting again.
     """
 
     name: str
@@ -61,6 +64,8 @@ class MethodSpec:
     stochastic: bool = False  # the scores depend on the seed
     hyperparameters: type = NoHyperparameters
     masks: Callable | None = None
+    order_of: str | None = None
+    sorted_values: Callable | None = None
     description: str = ""
 
     def make_hyperparameters(self, **hp):

@@ -1,0 +1,340 @@
+"""Training, evaluation and BatchNorm recalibration, all mask-aware.
+
+A mask set is a dict ``{parameter name: bool tensor of the parameter's shape}`` with ``True`` = kept.
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..data import iter_batches
+
+__all__ = ["OPTIMIZERS", "resolve_device", "check_masks", "train", "evaluate", "recalibrate_bn"]
+
+#: optimizer name → (class, default learning rate, extra constructor arguments)
+OPTIMIZERS: dict[str, tuple[type, float, dict]] = {
+    "adam": (torch.optim.Adam, 1e-3, {}),
+    "adamw": (torch.optim.AdamW, 1e-3, {}),
+    "sgd": (torch.optim.SGD, 1e-2, {"momentum": 0.9}),
+}
+DEFAULT_BATCH_SIZE = 128
+
+
+def resolve_device(device="auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else goes through ``torch.device``.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, device=None) -> dict[str, torch.Tensor]:
+    """Validate ``masks`` against ``model`` and return them as a new dict of bool tensors (on ``device`` if given).
+
+    Raises ``TypeError`` (not a dict, not a bool tensor) or ``ValueError`` (unknown name, wrong shape), naming the
+    first offending entry.
+
+    >>> net = torch.nn.Linear(3, 2)
+    >>> check_masks(net, {"weight": torch.ones(2, 3, dtype=torch.bool)})["weight"].shape
+    torch.Size([2, 3])
+    """
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict {{parameter name: bool tensor}}, got {type(masks).__name__}")
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        if name not in params:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(params), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"masks[{name!r}]: the model has no parameter of that name.{hint}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"masks[{name!r}] must be a bool tensor (True = kept), got {got}")
+        if mask.shape != params[name].shape:
+            raise ValueError(
+                f"masks[{name!r}] has shape {tuple(mask.shape)} but the parameter has shape {tuple(params[name].shape)}"
+            )
+        out[name] = mask.to(device) if device is not None else mask
+    return out
+
+
+def _nonneg_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _save_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
+def train(
+    model: nn.Module,
+    data,
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    optimizer: str = "adam",
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float = 0.0,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    device="auto",
+    progress: bool = True,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` **in place** with cross-entropy on the train split of ``data`` and return the same object.
+
+    Args:
+        model: any classifier mapping ``(B, C, H, W)`` (or the shape of ``data``) to logits ``(B, num_classes)``.
+            It is moved to ``device``; its train/eval modes are restored at the end.
+        data: a ``DataBundle`` (its ``train`` split), a ``Dataset``, a ``DataLoader`` (used as is, with its own
+            shuffling) or an ``(inputs, targets)`` tuple of tensors.
+        epochs, steps: how long to train; give at most one (default: 1 epoch). ``steps`` counts optimizer steps.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9). ``lr`` defaults to 1e-3 (Adam/AdamW) or 1e-2
+            (SGD); ``batch_size`` to 128.
+        masks: ``{name: bool tensor}``, True = kept. Pruned weights are zeroed first; before every step their
+            gradients are zeroed and after every step they are set to zero again, so momentum or Adam state can
+            never revive them: they stay exactly ``0.0``.
+        seed: seeds the batch order (a private ``torch.Generator``) and, inside ``torch.random.fork_rng``, any
+            randomness of the model (dropout); the caller's global RNG state is left as it was. Same seed, same data
+            and same model → bit-identical weights on CPU.
+        progress: show a ``tqdm.auto`` progress bar.
+        on_step: called as ``on_step(step, model)`` after each optimizer step (``step`` starts at 1).
+
+    Returns:
+        ``model`` itself (trained).
+
+    >>> from prune_lab import models, data
+    >>> net = models.create("mlpnet", in_features=64, seed=0)
+    >>> net = train(net, data.synthetic(), steps=5, progress=False)
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if epochs is not None and steps is not None:
+        raise ValueError("give either epochs or steps, not both")
+    if epochs is None and steps is None:
+        epochs = 1
+    if epochs is not None:
+        epochs = _nonneg_int(epochs, "epochs")
+    if steps is not None:
+        steps = _nonneg_int(steps, "steps")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(map(repr, OPTIMIZERS))}")
+    opt_cls, default_lr, opt_extra = OPTIMIZERS[optimizer]
+    lr = default_lr if lr is None else float(lr)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+    dev = resolve_device(device)
+    model.to(dev)
+    masks = check_masks(model, masks, device=dev)
+    params = dict(model.named_parameters())
+    masked = [(params[name], ~mask) for name, mask in masks.items()]  # (parameter, pruned positions)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = opt_cls(trainable, lr=lr, weight_decay=float(weight_decay), **opt_extra)
+
+    with torch.no_grad():
+        for p, pruned in masked:
+            p.masked_fill_(pruned, 0.0)
+    total = steps if steps is not None else None
+    if total is None:
+        try:
+            from ..data import resolve_dataset
+
+            ds = resolve_dataset(data, split="train")
+            n_batches = len(ds) if isinstance(ds, torch.utils.data.DataLoader) else -(-len(ds) // batch_size)
+            total = epochs * n_batches
+        except TypeError:
+            total = None
+    if total == 0:
+        return model
+
+    fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    modes = _save_modes(model)
+    step = 0
+    bar = tqdm(total=total, disable=not progress, desc="train", unit="step", leave=False)
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.random.default_generator.manual_seed(int(seed))
+            if dev.type == "cuda":
+                with torch.cuda.device(dev):
+                    torch.cuda.manual_seed(int(seed))
+            order = torch.Generator().manual_seed(int(seed))
+            model.train()
+            epoch = 0
+            log_every = max(1, (total or 100) // 100)
+            while (steps is None and epoch < epochs) or (steps is not None and step < steps):
+                seen = 0
+                for x, y in iter_batches(data, split="train", batch_size=batch_size, shuffle=True, generator=order):
+                    seen += 1
+                    x = x.to(dev, non_blocking=True)
+                    y = y.to(dev, non_blocking=True)
+                    opt.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    for p, pruned in masked:
+                        if p.grad is not None:
+                            p.grad.masked_fill_(pruned, 0.0)
+                    opt.step()
+                    with torch.no_grad():
+                        for p, pruned in masked:
+                            p.masked_fill_(pruned, 0.0)
+                    step += 1
+                    if step % log_every == 0 or step == total:
+                        value = float(loss.detach())
+                        if value != value or value in (float("inf"), float("-inf")):
+                            raise FloatingPointError(
+                                f"training loss became {value} at step {step}; lower lr (now {lr}) or check the data"
+                            )
+                        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                    bar.update(1)
+                    if on_step is not None:
+                        on_step(step, model)
+                    if steps is not None and step >= steps:
+                        break
+                if seen == 0:
+                    raise ValueError("data yielded no training batches")
+                epoch += 1
+    finally:
+        bar.close()
+        _restore_modes(modes)
+    return model
+
+
+def _overrides(model: nn.Module, masks: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    """Tensors to pass to ``functional_call``: masked weights, and every tensor when the model is elsewhere."""
+    out: dict[str, torch.Tensor] = {}
+    if _model_device(model) != dev:
+        out.update({n: t.to(dev) for n, t in model.named_parameters()})
+        out.update({n: t.to(dev) for n, t in model.named_buffers()})
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        out[name] = out.get(name, params[name]).masked_fill(~mask, 0.0)
+    return out
+
+
+def evaluate(model: nn.Module, data, *, masks=None, device="auto", batch_size: int = 512) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on the test split of ``data`` (or the given dataset / loader /
+    ``(inputs, targets)`` tuple), in eval mode and without gradients.
+
+    The model is neither modified nor copied: masked weights are applied through
+    ``torch.func.functional_call(model, {name: w * m, ...}, x)``, and every submodule's train/eval mode is restored.
+    ``device="auto"`` evaluates where the model lives; another device runs on copies of the tensors.
+
+    Returns:
+        ``{"accuracy": float in [0, 1], "loss": float}``.
+
+    >>> from prune_lab import models, data
+    >>> sorted(evaluate(models.create("mlpnet", in_features=64), data.digits()))
+    ['accuracy', 'loss']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dev = _model_device(model) if (device is None or device == "auto") else torch.device(device)
+    masks = check_masks(model, masks, device=dev)
+    overrides = _overrides(model, masks, dev)
+    modes = _save_modes(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    n = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x, y in iter_batches(data, split="test", batch_size=batch_size):
+                x, y = x.to(dev), y.to(dev)
+                out = functional_call(model, overrides, (x,)) if overrides else model(x)
+                loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+                correct += (out.argmax(dim=1) == y).sum()
+                n += int(y.shape[0])
+    finally:
+        _restore_modes(modes)
+    if n == 0:
+        raise ValueError("data yielded no evaluation samples")
+    return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}
+
+
+def recalibrate_bn(
+    model: nn.Module,
+    data,
+    *,
+    masks=None,
+    batches: int = 20,
+    batch_size: int = 256,
+    inplace: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance from ``batches`` training batches (one no-grad pass,
+    cumulative average), with ``masks`` applied through ``functional_call``. Useful after pruning without
+    fine-tuning. Returns a deep copy unless ``inplace``; the weights themselves are never changed.
+
+    >>> from prune_lab import models, data
+    >>> net = models.create("resnet20_cifar", in_channels=1)
+    >>> fresh = recalibrate_bn(net, data.synthetic(n_train=16, n_test=4, input_shape=(1, 8, 8)), batches=1)
+    >>> fresh is net
+    False
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    batches = _nonneg_int(batches, "batches")
+    target = model if inplace else copy.deepcopy(model)
+    bns = [m for m in target.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches == 0:
+        return target
+    dev = _model_device(target)
+    masks = check_masks(target, masks, device=dev)
+    overrides = _overrides(target, masks, dev)
+    modes = _save_modes(target)
+    momenta = [bn.momentum for bn in bns]
+    try:
+        target.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average over the pass
+            bn.train()
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for i, (x, _) in enumerate(iter_batches(data, split="train", batch_size=batch_size, shuffle=True, generator=g)):
+                if i >= batches:
+                    break
+                x = x.to(dev)
+                functional_call(target, overrides, (x,)) if overrides else target(x)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        _restore_modes(modes)
+    return target

@@ -1,0 +1,159 @@
+import math
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import prune_lab as pl
+from prune_lab.core.ranking import Ranking
+from tests.conftest import assert_state_equal, state_copy
+
+
+def test_warm_sparsity_change_is_a_lookup(convnet, monkeypatch):
+    session = pl.PruneSession(convnet, device="cpu")
+    calls = []
+    original = Ranking.from_scores.__func__
+
+    def counting(cls, *a, **k):
+        calls.append(1)
+        return original(cls, *a, **k)
+
+    monkeypatch.setattr(Ranking, "from_scores", classmethod(counting))
+    first = session.prune("global_magnitude", 0.5)
+    assert len(calls) == 1
+    for s in (0.1, 0.7, 0.95):
+        res = session.prune("global_magnitude", s)
+        assert not res.masks_built  # layer sparsity and distortion without masks
+        assert sum(res.pruned) == math.floor(s * sum(res.numel) + 0.5)
+        assert set(res.frobenius) == set(res.layers)
+    session.prune("magnitude", 0.3)  # same scores as global_magnitude: the ranking is shared
+    session.prune("lamp", 0.3)  # LAMP ranks in magnitude order: reuses that sort
+    assert len(calls) == 1
+    assert first.masks_built is False and first.masks is not None and first.masks_built
+
+
+def test_distortion_equals_direct_computation(convnet):
+    session = pl.PruneSession(convnet, device="cpu")
+    params = pl.prunable_parameters(convnet)
+    for method in ("lamp", "lap", "random", "lap_forward"):
+        res = session.prune(method, 0.6)
+        for n, m in res.masks.items():
+            w = params[n].detach()
+            assert res.frobenius[n] == pytest.approx((w * ~m).norm().item(), rel=1e-5, abs=1e-6)
+            assert res.relative_frobenius[n] == pytest.approx((w * ~m).norm().item() / w.norm().item(), rel=1e-5)
+            assert res.layer_sparsity[n] == pytest.approx(int((~m).sum()) / m.numel())
+
+
+def test_session_notices_changed_weights(mlp):
+    session = pl.PruneSession(mlp, device="cpu")
+    a = session.prune("magnitude", 0.5)
+    fp = session.fingerprint
+    with torch.no_grad():
+        mlp[0].weight.mul_(-torch.arange(30.0).reshape(5, 6))
+    b = session.prune("magnitude", 0.5)
+    assert session.fingerprint != fp
+    assert not torch.equal(a.masks["0.weight"], b.masks["0.weight"])
+    assert torch.equal(b.masks["0.weight"], pl.prune(mlp, "magnitude", 0.5).masks["0.weight"])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_sparsity_out_of_range(mlp, bad):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        pl.prune(mlp, "magnitude", bad)
+
+
+@pytest.mark.parametrize("bad", ["0.5", None, True, [0.5]])
+def test_sparsity_not_a_number(mlp, bad):
+    with pytest.raises(TypeError, match="sparsity must be a real number"):
+        pl.prune(mlp, "magnitude", bad)
+
+
+def test_sparsity_as_tensor_or_numpy(mlp):
+    import numpy as np
+
+    assert pl.prune(mlp, "magnitude", torch.tensor(0.5)).sparsity == pl.prune(mlp, "magnitude",
+                                                                              np.float32(0.5)).sparsity
+
+
+def test_unknown_method_and_allocation(mlp):
+    with pytest.raises(ValueError, match=r"unknown method 'magnitud'. Did you mean 'magnitude'.*'lamp'"):
+        pl.prune(mlp, "magnitud", 0.5)
+    with pytest.raises(ValueError, match=r"unknown allocation 'globl'. Did you mean 'global'.*'erk'"):
+        pl.prune(mlp, "magnitude", 0.5, allocation="globl")
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        pl.prune(mlp, "magnitude", 0.5, temperature=3)
+
+
+def test_nan_weights_are_named(mlp):
+    with torch.no_grad():
+        mlp[2].weight[0, 0] = float("nan")
+    before = state_copy(mlp)
+    with pytest.raises(ValueError, match=r"weight '2.weight' contains NaN"):
+        pl.prune(mlp, "magnitude", 0.5)
+    for k, v in before.items():  # nothing lost
+        assert torch.equal(torch.nan_to_num(mlp.state_dict()[k]), torch.nan_to_num(v))
+
+
+def test_not_a_model_and_bad_device(mlp):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pl.PruneSession({"w": torch.ones(3)})
+    with pytest.raises(ValueError, match="device"):
+        pl.PruneSession(mlp, device="tpu")
+
+
+def test_starting_masks_nest_and_validate(mlp):
+    session = pl.PruneSession(mlp, device="cpu")
+    start = session.prune("random", 0.5, allocation="global", seed=1).masks
+    for method in ("magnitude", "lamp", "lap", "lap_backward"):
+        res = session.prune(method, 0.7, allocation="global", masks=start)
+        for n in start:
+            assert not (res.masks[n] & ~start[n]).any()
+        assert sum(res.pruned) == math.floor(0.7 * sum(res.numel) + 0.5)
+    with pytest.raises(ValueError, match="already prune"):
+        session.prune("magnitude", 0.2, masks=start)
+    other = {"fc.weight": torch.ones(3, 3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=r"masks do not fit this model: 'fc.weight'"):
+        session.prune("magnitude", 0.5, masks=other)
+    wrong = dict(start)
+    wrong["0.weight"] = torch.ones(6, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"mask of '0.weight' has shape \(6, 5\), the weight \(5, 6\)"):
+        session.prune("magnitude", 0.5, masks=wrong)
+
+
+@given(st.sampled_from(pl.list_methods()), st.floats(0, 0.99), st.sampled_from(pl.list_allocations()[:3]))
+def test_model_unchanged_bit_for_bit(method, s, allocation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    model.train()
+    before = state_copy(model)
+    res = pl.prune(model, method, s, allocation=allocation, device="cpu")
+    _ = res.masks
+    assert_state_equal(model, before)
+    assert model.training
+
+
+def test_masks_on_the_models_device_and_scores_api(mlp):
+    res = pl.prune(mlp, "lap", 0.5, device="cpu")
+    assert all(m.device == mlp[0].weight.device for m in res.masks.values())
+    s = pl.score(mlp, "lap")
+    assert set(s) == set(res.masks) and s["0.weight"].shape == (5, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_models_every_method_and_allocation(arch):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    before = state_copy(model)
+    session = pl.PruneSession(model, device="cpu")
+    assert session.graph.exact
+    for method in pl.list_methods():
+        for allocation in pl.list_allocations():
+            res = session.prune(method, 0.7, allocation=allocation)
+            assert sum(res.pruned) > 0
+            assert abs(res.sparsity - 0.7) < 0.01
+        assert len(res.masks) == len(session.layer_names)
+    assert_state_equal(model, before)
