@@ -21,7 +21,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PRUNE_LAB_SMOKE=1 $(PY) -m pytest --nbmake tests notebooks $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/slider_latency.py

@@ -194,7 +194,7 @@ def build_graph(model: nn.Module, *, include=None, exclude=None, example_inputs=
         return per_model[key]
     weight_of = _weight_names(model)
     try:
-        graph = _trace_fx(model, weight_of)
+        graph = _single_layer(model) if isinstance(model, PRUNABLE_TYPES) else _trace_fx(model, weight_of)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to an execution-order chain
         graph = _trace_chain(model, weight_of, example_inputs, reason=f"{type(exc).__name__}: {exc}")
     for name, layer in list(graph.layers.items()):
@@ -218,6 +218,12 @@ def prunable_parameters(model: nn.Module, *, include=None, exclude=None) -> dict
     graph = build_graph(model, include=include, exclude=exclude)
     params = dict(model.named_parameters())
     return {name: params[name] for name in graph.prunable}
+
+
+def _single_layer(model: nn.Module) -> LayerGraph:
+    """The model is one Linear/Conv layer: its neighbours are the model's input and output."""
+    layer = Layer("weight", "", _kind(model), tuple(model.weight.shape), getattr(model, "groups", 1), True)
+    return LayerGraph({"weight": layer}, {"weight": [Link(None)]}, {"weight": [Link(None)]})
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class Ranking:
         self.layers = layers
         self.sizes = np.asarray([layers[n].numel for n in self.names], dtype=np.int64)
         self.total = int(self.sizes.sum())
+        self._keys = [layers[n].keys for n in self.names]
 
     @classmethod
     def from_scores(cls, names, scores: dict, weights: dict) -> "Ranking":
@@ -78,15 +79,16 @@ class Ranking:
         for name in names:
             s = scores[name].detach().reshape(-1)
             _check_scores(name, s)
-            vals, order = torch.sort(s.to(torch.float32), stable=True)
+            # Sorting the order-preserving int32 keys gives the same stable order as sorting the float scores,
+            # about twice as fast on the CPU, and the sorted keys are what the global bisection needs.
+            keys, order = torch.sort(ordered_int32(s), stable=True)
             idx_dtype = torch.int32 if s.numel() < 2**31 else torch.int64
             order = order.to(idx_dtype)
             w2 = weights[name].detach().reshape(-1).index_select(0, order).to(torch.float64).pow(2)
             csum = torch.zeros(w2.numel() + 1, dtype=torch.float64, device=w2.device)
             torch.cumsum(w2, 0, out=csum[1:])
-            layers[name] = LayerRank(order, csum.to(torch.float32), _keys(vals),
-                                     tuple(scores[name].shape))
-            del vals, w2, csum
+            layers[name] = LayerRank(order, csum.to(torch.float32), keys.cpu().numpy(), tuple(scores[name].shape))
+            del w2, csum
         return cls(names, layers)
 
     def with_sorted_values(self, values: dict) -> "Ranking":
@@ -110,8 +112,7 @@ class Ranking:
         return n
 
     def _count(self, v: np.int32, side: str) -> np.ndarray:
-        return np.fromiter((self.layers[n].keys.searchsorted(v, side) for n in self.names), dtype=np.int64,
-                           count=len(self.names))
+        return np.fromiter((k.searchsorted(v, side) for k in self._keys), dtype=np.int64, count=len(self._keys))
 
     def global_counts(self, k: int) -> np.ndarray:
         """Per-layer number of weights among the ``k`` lowest scores of all layers (ties: earlier layer, then
@@ -123,12 +124,12 @@ class Ranking:
             return np.zeros(len(self.names), dtype=np.int64)
         if k >= self.total:
             return self.sizes.copy()
-        nonempty = [self.layers[n].keys for n in self.names if self.layers[n].numel]
-        lo = int(min(k_[0] for k_ in nonempty))
-        hi = int(max(k_[-1] for k_ in nonempty))
+        keys = [k_ for k_ in self._keys if k_.size]
+        lo, hi = int(min(k_[0] for k_ in keys)), int(max(k_[-1] for k_ in keys))
         while lo < hi:  # smallest key v with #(key <= v) >= k
             mid = (lo + hi) // 2
-            if sum(self.layers[n].keys.searchsorted(np.int32(mid), "right") for n in self.names) >= k:
+            q = np.int32(mid)
+            if sum(k_.searchsorted(q, "right") for k_ in keys) >= k:
                 hi = mid
             else:
                 lo = mid + 1

@@ -7,7 +7,7 @@
 True
 """
 from .loop import OPTIMIZERS, check_masks, evaluate, recalibrate_bn, resolve_device, train
-from .pretrained import DEFAULT_RECIPE, RECIPES, checkpoint_path, default_cache_dir, pretrained, recipe
+from .checkpoints import DEFAULT_RECIPE, RECIPES, checkpoint_path, default_cache_dir, pretrained, recipe
 
 __all__ = [
     "train", "evaluate", "recalibrate_bn", "pretrained", "check_masks", "resolve_device",

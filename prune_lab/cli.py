@@ -1,0 +1,106 @@
+"""The ``prune-lab`` command: the engine without a notebook.
+
+    prune-lab methods                                   # the registry: methods, labels, allocations, papers
+    prune-lab prune --method lamp lap --sparsity 0.5 0.9 0.98          # pretrained mlpnet on digits
+    prune-lab prune --model resnet18 --method global_magnitude --sparsity 0.8 --no-evaluate
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import data as pl_data
+from . import models as pl_models
+from .core.allocation import get_allocation, list_allocations
+from .engine import PruneSession
+from .methods import get_method, list_methods
+from .training import pretrained
+
+DATASETS = {"digits": pl_data.digits, "mnist": pl_data.mnist, "fashion_mnist": pl_data.fashion_mnist,
+            "cifar10": pl_data.cifar10}
+
+
+def methods_table() -> pd.DataFrame:
+    rows = []
+    for name in list_methods():
+        spec = get_method(name)
+        rows.append({"method": name, "label": spec.label, "default allocation": spec.default_allocation,
+                     "needs": ",".join(sorted(spec.needs)) or "-",
+                     "sparsity-dependent": spec.sparsity_dependent, "reference": spec.reference})
+    return pd.DataFrame(rows)
+
+
+def _load_model(name: str, bundle, device: str):
+    if name.startswith("torchvision:") or (name not in pl_models.list_models()
+                                           and hasattr(__import__("torchvision").models, name)):
+        import torchvision
+
+        arch = name.split(":", 1)[-1]
+        torch.manual_seed(0)
+        return getattr(torchvision.models, arch)().eval(), False
+    return pretrained(name, bundle, device=device), True
+
+
+def cmd_prune(args) -> int:
+    bundle = None
+    if args.data != "none":
+        maker = DATASETS[args.data]
+        bundle = maker(root=args.data_root) if args.data != "digits" else maker()
+    model, trained = _load_model(args.model, bundle, args.device)
+    session = PruneSession(model, bundle if trained else None, device=args.device)
+    evaluate = args.evaluate and trained
+    rows = []
+    points = [(m, s) for m in args.method for s in args.sparsity]
+    for method, s in tqdm(points, desc="pruning", disable=not args.progress):
+        res = session.prune(method, s, allocation=args.allocation)
+        row = {"method": method, "allocation": res.allocation, "sparsity": round(res.sparsity, 4)}
+        if evaluate:
+            row.update(session.evaluate(res))
+        if args.layers:
+            row.update({f"s[{n}]": round(v, 3) for n, v in res.layer_sparsity.items()})
+        rows.append(row)
+    if evaluate:
+        dense = session.evaluate(None)
+        rows.insert(0, {"method": "dense", "allocation": "-", "sparsity": 0.0, **dense})
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="prune-lab", description="Prune neural networks and compare methods.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list the registered methods and allocations")
+    p = sub.add_parser("prune", help="prune a model at one or more sparsities and report per method")
+    p.add_argument("--model", default="mlpnet",
+                   help=f"a zoo model ({', '.join(pl_models.list_models())}) trained once and cached, or a "
+                        f"torchvision architecture (torchvision:resnet18), random init")
+    p.add_argument("--data", default="digits", choices=[*DATASETS, "none"])
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--method", nargs="+", default=["magnitude", "lamp", "lap"], choices=list_methods())
+    p.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.9])
+    p.add_argument("--allocation", default=None, choices=list_allocations(),
+                   help="default: each method's paper's allocation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--layers", action="store_true", help="also print each layer's sparsity")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    if args.command == "methods":
+        with pd.option_context("display.max_colwidth", 80, "display.width", 200):
+            print(methods_table().to_string(index=False))
+            print("\nallocations:", ", ".join(f"{a} ({get_allocation(a).label})" for a in list_allocations()))
+        return 0
+    try:
+        return cmd_prune(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"prune-lab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
