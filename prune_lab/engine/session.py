@@ -23,7 +23,7 @@ from ..core.allocation import AllocationContext, allocate, get_allocation
 from ..core.graph import build_graph, bn_scales
 from ..core.ranking import Ranking
 from ..core.validation import check_sparsity
-from ..methods.registry import MethodSpec, ScoreContext, get_method
+from ..methods.registry import MethodSpec, ScoreContext, get_method, get_updater, list_updaters
 from .result import PruneResult
 
 
@@ -246,10 +246,12 @@ class PruneSession:
     # pruning
     # ------------------------------------------------------------------------------------------------------------
     def prune(self, method: str, sparsity: float, *, allocation: str | None = None, seed: int = 0, masks=None,
-              **hp) -> PruneResult:
+              update=False, **hp) -> PruneResult:
         """Prune at ``sparsity`` (fraction removed, in [0, 1)) with ``method`` and ``allocation`` (default: the
         method's paper's allocation). ``masks``: start from these (already-pruned weights stay pruned; the result
-        nests inside them). ``hp``: the method's hyperparameters. Repeat calls at other sparsities are lookups.
+        nests inside them). ``update``: ``False``, ``True`` (the first registered weight update) or an update's
+        name: after selection, update the kept weights (``result.weights``). ``hp``: the method's hyperparameters.
+        Repeat calls at other sparsities are lookups.
         """
         spec = get_method(method)
         s = check_sparsity(sparsity)
@@ -280,19 +282,50 @@ class PruneSession:
                       numel=tuple(int(x) for x in ranking.sizes), pruned=tuple(int(c) for c in counts),
                       model_fingerprint=state.fingerprint)
         norms = dict(zip(self.layer_names, ranking.weight_norms().tolist()))
-        if spec.sparsity_dependent:
-            key = self._key(spec, hpo, seed, start_key, state) + (alloc, tuple(common["pruned"]))
+        updater = self._updater(update)
+        if spec.sparsity_dependent or updater is not None:
+            key = self._key(spec, hpo, seed, start_key, state) + (alloc, tuple(common["pruned"]), updater)
             built = self._masks.get(key)
             if built is None:
                 ctx_s = self._context(state, seed, start)
-                built = spec.masks(ctx_s, dict(zip(self.layer_names, counts.tolist())), hpo)
+                if spec.sparsity_dependent:
+                    built = spec.masks(ctx_s, dict(zip(self.layer_names, counts.tolist())), hpo)
+                else:
+                    built = ranking.masks(counts)
+                new_weights = None
+                if isinstance(built, tuple):
+                    built, new_weights = built
+                if updater is not None:
+                    new_weights = updater(ctx_s, built)
+                built = (built, new_weights)
                 self._remember(self._masks, key, built)
-            frob = {n: float((state.weights[n].float() * (~built[n])).pow(2).sum().sqrt()) for n in self.layer_names}
+            kept, new_weights = built
+            frob = {}
+            for n in self.layer_names:
+                w = state.weights[n].float()
+                after = (new_weights[n].to(w.device).float() if new_weights is not None else w) * kept[n]
+                frob[n] = float((w - after).pow(2).sum().sqrt())
+            if new_weights is not None:
+                common["hyperparameters"] = {**common["hyperparameters"], "update": update}
             return PruneResult(**common, frobenius=frob, weight_norms=norms,
-                               _masks={n: m.to(device) for n, m in built.items()})
+                               _masks={n: m.to(device) for n, m in kept.items()},
+                               weights=None if new_weights is None else
+                               {n: (new_weights[n] * kept[n]).to(device) for n in self.layer_names})
         frob = dict(zip(self.layer_names, ranking.frobenius(counts).tolist()))
         return PruneResult(**common, frobenius=frob, weight_norms=norms,
                            _mask_builder=lambda: ranking.masks(counts, device=device))
+
+    def _updater(self, update):
+        if update is False or update is None:
+            return None
+        if update is True:
+            if not list_updaters():
+                raise ValueError("update=True needs a registered weight update (the second-order methods).")
+            update = list_updaters()[0]
+        fn, needs = get_updater(update)
+        if "data" in needs and self.data is None:
+            raise ValueError(f"update {update!r} needs data; pass data=... to the session or to prune().")
+        return fn
 
     def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
         """``{"accuracy", "loss"}`` of the model with ``result``'s masks (dense when ``None``) on held-out data.

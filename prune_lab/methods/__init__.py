@@ -1,5 +1,7 @@
 """The method registry and the built-in methods."""
-from . import builtin  # noqa: F401  (registers the built-in methods)
-from .registry import MethodSpec, ScoreContext, get_method, hparam, list_methods, register_method
+from . import builtin, pai, second_order  # noqa: F401  (each module registers its methods)
+from .registry import (MethodSpec, ScoreContext, get_method, get_updater, hparam, list_methods, list_updaters,
+                       register_method, register_updater)
 
-__all__ = ["MethodSpec", "ScoreContext", "get_method", "hparam", "list_methods", "register_method"]
+__all__ = ["MethodSpec", "ScoreContext", "get_method", "get_updater", "hparam", "list_methods", "list_updaters",
+           "register_method", "register_updater"]

@@ -47,8 +47,9 @@ class MethodSpec:
     """One pruning method.
 
     ``scores(ctx, hp) -> {name: Tensor}`` gives per-weight scores (higher = keep). Sparsity-dependent methods also
-    give ``masks(ctx, counts, hp) -> {name: BoolTensor}``: the engine passes the per-layer pruned counts of the
-    allocation (computed on ``scores`` for global-type allocations). A method whose scores rank each layer's weights
+    give ``masks(ctx, counts, hp) -> {name: BoolTensor}`` or ``(masks, weights)`` when they also update the kept
+    weights (OBS, CBS-U): the engine passes the per-layer pruned counts of the allocation (computed on ``scores``
+    for global-type allocations). A method whose scores rank each layer's weights
     exactly as another method does may say so with ``order_of`` (that method's name) and give
     ``sorted_values(ctx, hp, order) -> {name: (n,) non-decreasing}``: the engine then reuses the other ranking's
     sort instead of sorting again.
@@ -92,6 +93,7 @@ class MethodSpec:
 
 
 _METHODS: dict = {}
+_UPDATERS: dict = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -105,6 +107,25 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 def get_method(name: str) -> MethodSpec:
     """The record of method ``name``; ``ValueError`` naming the valid choices otherwise."""
     return _METHODS[check_choice(name, _METHODS, what="method")]
+
+
+def register_updater(name: str, fn: Callable, needs: frozenset = frozenset({"data"})):
+    """Register a weight update applied after any selection: ``fn(ctx, masks) -> {name: updated weights}`` (e.g.
+    the CBS-U / OBS update that makes MP+U and WF+U). ``session.prune(..., update=name)`` uses it."""
+    if name in _UPDATERS:
+        raise ValueError(f"update {name!r} is already registered.")
+    _UPDATERS[name] = (fn, frozenset(needs))
+
+
+def get_updater(name: str):
+    """``(fn, needs)`` of the registered update ``name``; ``ValueError`` naming the valid choices otherwise."""
+    if not _UPDATERS:
+        raise ValueError("no weight update is registered; update=... needs the second-order methods.")
+    return _UPDATERS[check_choice(name, _UPDATERS, what="update")]
+
+
+def list_updaters() -> list:
+    return list(_UPDATERS)
 
 
 def list_methods() -> list:

@@ -157,3 +157,30 @@ def test_torchvision_models_every_method_and_allocation(arch):
             assert abs(res.sparsity - 0.7) < 0.01
         assert len(res.masks) == len(session.layer_names)
     assert_state_equal(model, before)
+
+
+def test_weight_update_plumbing(mlp):
+    """A registered update receives the selected masks; the result carries updated weights (zeros where pruned)."""
+    from prune_lab.methods import registry
+
+    seen = {}
+
+    def double_kept(ctx, masks):
+        seen["masks"] = masks
+        return {n: ctx.weights[n] * 2 for n in ctx.prunable}
+
+    registry._UPDATERS["_double"] = (double_kept, frozenset())
+    try:
+        session = pl.PruneSession(mlp, device="cpu")
+        plain = session.prune("magnitude", 0.5)
+        res = session.prune("magnitude", 0.5, update="_double")
+        assert all(torch.equal(res.masks[n], plain.masks[n]) for n in res.masks)
+        w = mlp[0].weight.detach()
+        assert torch.equal(res.weights["0.weight"], w * 2 * res.masks["0.weight"])
+        # distortion measured against the updated weights: ‖W − 2·M⊙W‖
+        assert res.frobenius["0.weight"] == pytest.approx((w - 2 * w * res.masks["0.weight"]).norm().item(), rel=1e-5)
+        assert res.hyperparameters["update"] == "_double" and plain.weights is None
+        with pytest.raises(ValueError, match="unknown update"):
+            session.prune("magnitude", 0.5, update="nope")
+    finally:
+        del registry._UPDATERS["_double"]

@@ -1,0 +1,1 @@
+"""Pruning-at-initialization methods (SNIP, GraSP, SynFlow): registered here."""

@@ -1,0 +1,1 @@
+"""Second-order methods (empirical Fisher, WoodFisher/OBS, CBS, layerwise OBS): registered here."""
