@@ -86,6 +86,7 @@ class PruneSession:
         self._state: _State | None = None
         self._rankings: OrderedDict = OrderedDict()
         self._masks: OrderedDict = OrderedDict()
+        self._scratch: dict = {}  # methods' expensive intermediates for the current weights (ScoreContext.cache)
 
     # ------------------------------------------------------------------------------------------------------------
     # weights and fingerprint
@@ -162,9 +163,12 @@ class PruneSession:
         if start is not None:
             for n, m in start.items():
                 weights[n] = weights[n] * m
+        if self._scratch.get("fingerprint") != state.fingerprint:
+            self._scratch = {"fingerprint": state.fingerprint}
         return ScoreContext(weights=weights, prunable=list(self.layer_names), graph=self.graph,
                             bn_scales=state.scales, seed=int(seed), model=self.model, data=self.data,
-                            device=self.device, start_masks=start)
+                            device=self.device, start_masks=start, fingerprint=state.fingerprint,
+                            cache=self._scratch)
 
     def _check_needs(self, spec: MethodSpec):
         if "data" in spec.needs and self.data is None:

@@ -18,7 +18,10 @@ class ScoreContext:
 
     ``weights``: every Linear/Conv weight of the graph (neighbours included), detached, on ``device``, already
     multiplied by the starting masks when there are any; ``prunable``: the names to score, in data-flow order;
-    ``bn_scales``: ``{bn module: |γ/√(var+ε)|}``; ``model`` and ``data`` for data-driven methods (never modified).
+    ``bn_scales``: ``{bn module: |γ/√(var+ε)|}``; ``model`` and ``data`` for data-driven methods (never modified);
+    ``fingerprint``: a content hash of the weights; ``cache``: a dict owned by the session for expensive
+    intermediate results (a Fisher matrix, captured activations), emptied when the weights change — key entries by
+    everything they depend on besides the weights (hyperparameters, data identity).
     """
 
     weights: dict
@@ -30,6 +33,8 @@ class ScoreContext:
     data: object = None
     device: torch.device = torch.device("cpu")
     start_masks: dict | None = None
+    fingerprint: str = ""
+    cache: dict = field(default_factory=dict)
 
 
 def hparam(default, *, low=None, high=None, choices=None, log=False, help=""):
