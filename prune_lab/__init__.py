@@ -4,16 +4,17 @@
 >>> "lap" in pl.list_methods(), pl.list_allocations()
 (True, ['uniform', 'global', 'lamp', 'uniform_plus', 'erk'])
 """
-from . import data, models
+from . import analysis, data, models
 from ._version import __version__
 from .core.allocation import list_allocations
 from .core.graph import build_graph, prunable_parameters
-from .engine import PruneResult, PruneSession, prune, score
+from .analysis import PruneSession
+from .engine import PruneResult, prune, score
 from .methods import get_method, list_methods
 from .training import evaluate, pretrained, recalibrate_bn, train
 
 __all__ = [
-    "PruneResult", "PruneSession", "__version__", "build_graph", "data", "evaluate", "get_method",
+    "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "get_method",
     "list_allocations", "list_methods", "models", "pretrained", "prunable_parameters", "prune", "recalibrate_bn",
     "score", "train",
 ]

@@ -1,0 +1,245 @@
+"""The analysis session: the engine's PruneSession plus distortion tables, distortion curves and cached sweeps.
+
+``pl.PruneSession`` is this class. Everything returns long-format pandas DataFrames, headless (no plotting here).
+Evaluations are cached by content — weights fingerprint, method, hyperparameters, allocation, sparsity, seed, data
+identity, fine-tuning settings — so a repeated sweep, or a slider moved back to a visited point, costs nothing.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..core.distortion import lookahead_distortion
+from ..core.validation import check_sparsity
+from ..data import calibration_batch, data_identity
+from ..engine.result import PruneResult
+from ..engine.session import PruneSession as EngineSession
+from ..methods import get_method
+from ..training import evaluate, train
+
+MODEL_ROW = "(model)"
+
+
+class PruneSession(EngineSession):
+    """:class:`prune_lab.engine.PruneSession` with analysis: :meth:`distortion`, :meth:`distortion_curve`,
+    :meth:`sweep` and cached :meth:`evaluate`.
+
+    >>> import torch, prune_lab as pl
+    >>> s = pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    >>> list(s.distortion(s.prune("lamp", 0.5)).columns[:4])
+    ['layer', 'n_weights', 'sparsity', 'frobenius']
+    """
+
+    def __init__(self, model, data=None, **kw):
+        super().__init__(model, data, **kw)
+        self._evals: dict = {}
+        self._identities: dict = {}
+        self._dense_out: dict = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _data_id(self, data) -> str:
+        hit = self._identities.get(id(data))
+        if hit is None or hit[0] is not data:
+            hit = (data, data_identity(data))
+            self._identities[id(data)] = hit
+        return hit[1]
+
+    def _data(self, data, what: str):
+        data = data if data is not None else self.data
+        if data is None:
+            raise ValueError(f"{what} needs data: pass data=... here or when creating the session.")
+        return data
+
+    def _overrides(self, result: PruneResult) -> dict:
+        """Pruned (and updated) weights to pass to ``functional_call``."""
+        params = dict(self.model.named_parameters())
+        if result.weights is not None:
+            return {n: result.weights[n].to(params[n].device, params[n].dtype) for n in result.layers}
+        return {n: params[n].detach() * result.masks[n].to(params[n].device) for n in result.layers}
+
+    def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
+        """``{"accuracy", "loss"}`` on held-out data with ``result`` applied (dense for ``None``), cached by content.
+        The model is not modified."""
+        data = self._data(data, "evaluate")
+        key = ("eval", self.fingerprint, self._data_id(data), _result_key(result), tuple(sorted(kw.items())))
+        hit = self._evals.get(key)
+        if hit is None:
+            if result is not None and result.weights is not None:
+                hit = _evaluate_overrides(self.model, data, self._overrides(result), **kw)
+            else:
+                hit = evaluate(self.model, data, masks=None if result is None else result.masks, **kw)
+            self._evals[key] = hit
+        return dict(hit)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def distortion(self, result: PruneResult, *, data=None, lookahead: bool = True, n_calibration: int = 256
+                   ) -> pd.DataFrame:
+        """One row per prunable layer: ``layer, n_weights, sparsity, frobenius, relative_frobenius, lookahead``;
+        with data (given here or to the session), a ``(model)`` row adds ``output_distortion``
+        (``mean_x ‖f(x;W) − f(x;W̃)‖ / ‖f(x;W)‖`` on a calibration batch) and ``loss_change``.
+        Updated weights are used when the method provides them."""
+        state = self._snapshot()
+        rows = []
+        for n in result.layers:
+            i = result.layers.index(n)
+            row = {"layer": n, "n_weights": result.numel[i], "sparsity": result.layer_sparsity[n],
+                   "frobenius": result.frobenius[n], "relative_frobenius": result.relative_frobenius[n]}
+            if lookahead:
+                pruned = (result.weights[n] if result.weights is not None else
+                          state.weights[n] * result.masks[n].to(state.weights[n].device))
+                row["lookahead"] = lookahead_distortion(self.graph, state.weights, n, pruned, state.scales)
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        total = {"layer": MODEL_ROW, "n_weights": int(df["n_weights"].sum()), "sparsity": result.sparsity,
+                 "frobenius": math.sqrt(float((df["frobenius"] ** 2).sum())),
+                 "relative_frobenius": math.sqrt(float((df["frobenius"] ** 2).sum())) /
+                 max(math.sqrt(sum(v ** 2 for v in result.weight_norms.values())), 1e-30)}
+        if lookahead:
+            total["lookahead"] = math.sqrt(float((df["lookahead"] ** 2).sum()))
+        data = data if data is not None else self.data
+        if data is not None:
+            total.update(self.output_distortion(result, data=data, n=n_calibration))
+        df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+        df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity)
+        return df
+
+    def output_distortion(self, result: PruneResult, *, data=None, n: int = 256) -> dict:
+        """``{"output_distortion", "loss_change"}`` of ``result`` on a calibration batch of ``data``."""
+        data = self._data(data, "output distortion")
+        x, y = self._calibration(data, n)
+        key = (self.fingerprint, self._data_id(data), n)
+        dense = self._dense_out.get(key)
+        if dense is None:
+            dense = _forward(self.model, x, None)
+            self._dense_out = {key: dense}
+        pruned = _forward(self.model, x, self._overrides(result))
+        per = (dense - pruned).flatten(1).norm(dim=1) / dense.flatten(1).norm(dim=1).clamp_min(1e-30)
+        out = {"output_distortion": float(per.mean())}
+        if y is not None and dense.dim() == 2 and y.dtype in (torch.int64, torch.int32):
+            out["loss_change"] = float(F.cross_entropy(pruned, y) - F.cross_entropy(dense, y))
+        return out
+
+    def _calibration(self, data, n: int):
+        key = ("calib", self._data_id(data), n)
+        hit = self._evals.get(key)
+        if hit is None:
+            hit = calibration_batch(data, n=n)
+            self._evals[key] = hit
+        return hit
+
+    # ------------------------------------------------------------------------------------------------------------
+    def distortion_curve(self, method: str, sparsities, *, allocation: str | None = None, seed: int = 0, **hp
+                         ) -> pd.DataFrame:
+        """Single-layer distortion at every sparsity of a grid: ``sparsity, layer, n_weights, layer_sparsity,
+        frobenius, relative_frobenius``. For score methods the whole curve comes from one sort (cached) and the
+        cumulative sums: no masks are built."""
+        rows = []
+        for s in sparsities:
+            res = self.prune(method, s, allocation=allocation, seed=seed, **hp)
+            for i, n in enumerate(res.layers):
+                rows.append({"sparsity": float(s), "layer": n, "n_weights": res.numel[i],
+                             "layer_sparsity": res.pruned[i] / res.numel[i], "frobenius": res.frobenius[n],
+                             "relative_frobenius": res.relative_frobenius[n]})
+        df = pd.DataFrame(rows)
+        df.attrs.update(method=method, allocation=allocation or get_method(method).default_allocation)
+        return df
+
+    # ------------------------------------------------------------------------------------------------------------
+    def sweep(self, methods, sparsities, *, allocations=None, seeds=(0,), finetune: dict | None = None, data=None,
+              progress: bool = True, **hp) -> pd.DataFrame:
+        """Accuracy and loss over methods × allocations × sparsities × seeds: a row per point with ``method,
+        allocation, sparsity, seed, achieved_sparsity, accuracy, loss, finetuned`` (a second row per point with
+        ``finetuned=True`` when ``finetune`` — keyword arguments of :func:`prune_lab.train`, e.g.
+        ``{"epochs": 1}`` — is given). Cached by content; an interrupted sweep returns what it finished (and keeps
+        it cached).
+
+        ``allocations``: ``None`` (each method's paper default), a name, or a list of names.
+        """
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        if allocations is None or isinstance(allocations, str):
+            allocations = [allocations]
+        sparsities = [check_sparsity(s) for s in sparsities]
+        for m in methods:
+            get_method(m)
+        data = self._data(data, "sweep")
+        points = [(m, a, s, seed) for m in methods for a in allocations for seed in seeds for s in sparsities]
+        rows = []
+        interrupted = False
+        bar = tqdm(points, desc="sweep", disable=not progress, leave=False)
+        try:
+            for method, alloc, s, seed in bar:
+                bar.set_postfix_str(f"{method} @ {s:g}")
+                rows.extend(self._sweep_point(method, alloc, s, seed, finetune, data, hp))
+        except KeyboardInterrupt:
+            interrupted = True
+            warnings.warn(f"sweep interrupted after {len(rows)} rows; finished points stay cached.", stacklevel=2)
+        finally:
+            bar.close()
+        df = pd.DataFrame(rows, columns=["method", "allocation", "sparsity", "seed", "achieved_sparsity", "accuracy",
+                                         "loss", "finetuned"])
+        df.attrs["interrupted"] = interrupted
+        return df
+
+    def _sweep_point(self, method, alloc, s, seed, finetune, data, hp) -> list:
+        spec = get_method(method)
+        alloc_name = alloc or spec.default_allocation
+        res = self.prune(method, s, allocation=alloc, seed=seed, **hp)
+        base = {"method": method, "allocation": alloc_name, "sparsity": s,
+                "seed": seed, "achieved_sparsity": res.sparsity}
+        rows = [{**base, **self.evaluate(res, data), "finetuned": False}]
+        if finetune:
+            key = ("finetune", self.fingerprint, self._data_id(data), _result_key(res),
+                   tuple(sorted((k, repr(v)) for k, v in finetune.items())))
+            hit = self._evals.get(key)
+            if hit is None:
+                model = copy.deepcopy(self.model)
+                if res.weights is not None:
+                    params = dict(model.named_parameters())
+                    with torch.no_grad():
+                        for n, w in res.weights.items():
+                            params[n].copy_(w)
+                train(model, data, masks=res.masks, seed=seed, **{"progress": False, **finetune})
+                hit = evaluate(model, data, masks=res.masks)
+                self._evals[key] = hit
+            rows.append({**base, **hit, "finetuned": True})
+        return rows
+
+
+def _result_key(result: PruneResult | None):
+    if result is None:
+        return None
+    return (result.method, result.allocation, result.target_sparsity, repr(sorted(result.hyperparameters.items())),
+            result.seed, result.pruned)
+
+
+def _forward(model, x, overrides) -> torch.Tensor:
+    modes = [(m, m.training) for m in model.modules()]
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = x.to(dev)
+            return (torch.func.functional_call(model, overrides, (x,)) if overrides else model(x)).float().cpu()
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def _evaluate_overrides(model, data, overrides, batch_size: int = 512, **_) -> dict:
+    from ..data import iter_batches
+
+    loss, correct, n = 0.0, 0, 0
+    for x, y in iter_batches(data, split="test", batch_size=batch_size):
+        out = _forward(model, x, overrides)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += int(y.shape[0])
+    return {"accuracy": correct / n, "loss": loss / n}
