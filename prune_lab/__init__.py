@@ -18,3 +18,14 @@ __all__ = [
     "list_allocations", "list_methods", "models", "pretrained", "prunable_parameters", "prune", "recalibrate_bn",
     "score", "train",
 ]
+
+
+def __getattr__(name):
+    """The dashboard and the plots load on first use, so the engine imports no UI library."""
+    import importlib
+
+    if name == "PruneLab":
+        return importlib.import_module(".widgets", __name__).PruneLab
+    if name in ("viz", "widgets", "cli"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'prune_lab' has no attribute {name!r}")

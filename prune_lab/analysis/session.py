@@ -65,11 +65,22 @@ class PruneSession(EngineSession):
             return {n: result.weights[n].to(params[n].device, params[n].dtype) for n in result.layers}
         return {n: params[n].detach() * result.masks[n].to(params[n].device) for n in result.layers}
 
+    def _eval_key(self, result, data, kw) -> tuple:
+        return ("eval", self.fingerprint, self._data_id(data), _result_key(result), tuple(sorted(kw.items())))
+
+    def cached_evaluation(self, result: PruneResult | None = None, data=None) -> dict | None:
+        """The cached :meth:`evaluate` of ``result`` if it has been evaluated, else ``None`` (never evaluates)."""
+        data = data if data is not None else self.data
+        if data is None:
+            return None
+        hit = self._evals.get(self._eval_key(result, data, {}))
+        return None if hit is None else dict(hit)
+
     def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
         """``{"accuracy", "loss"}`` on held-out data with ``result`` applied (dense for ``None``), cached by content.
         The model is not modified."""
         data = self._data(data, "evaluate")
-        key = ("eval", self.fingerprint, self._data_id(data), _result_key(result), tuple(sorted(kw.items())))
+        key = self._eval_key(result, data, kw)
         hit = self._evals.get(key)
         if hit is None:
             if result is not None and result.weights is not None:
@@ -80,8 +91,8 @@ class PruneSession(EngineSession):
         return dict(hit)
 
     # ------------------------------------------------------------------------------------------------------------
-    def distortion(self, result: PruneResult, *, data=None, lookahead: bool = True, n_calibration: int = 256
-                   ) -> pd.DataFrame:
+    def distortion(self, result: PruneResult, *, data=None, lookahead: bool = True, output: bool = True,
+                   n_calibration: int = 256) -> pd.DataFrame:
         """One row per prunable layer: ``layer, n_weights, sparsity, frobenius, relative_frobenius, lookahead``;
         with data (given here or to the session), a ``(model)`` row adds ``output_distortion``
         (``mean_x ‖f(x;W) − f(x;W̃)‖ / ‖f(x;W)‖`` on a calibration batch) and ``loss_change``.
@@ -105,7 +116,7 @@ class PruneSession(EngineSession):
         if lookahead:
             total["lookahead"] = math.sqrt(float((df["lookahead"] ** 2).sum()))
         data = data if data is not None else self.data
-        if data is not None:
+        if data is not None and output:
             total.update(self.output_distortion(result, data=data, n=n_calibration))
         df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
         df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity)

@@ -140,6 +140,13 @@ class Ranking:
         take = np.clip(k - int(lt.sum()) - before, 0, eq)
         return lt + take
 
+    def critical_count(self) -> int:
+        """Number of weights scoring below ``t* = min over layers of the layer's highest score``: pruning more than
+        this under a global threshold empties a layer (critical sparsity = this ÷ total)."""
+        keys = [k_ for k_ in self._keys if k_.size]
+        t = min(k_[-1] for k_ in keys)
+        return int(sum(k_.searchsorted(t, "left") for k_ in keys))
+
     def frobenius(self, counts) -> np.ndarray:
         """``‖W − M⊙W‖_F`` per layer when the ``counts[l]`` lowest-scoring weights of layer l are pruned."""
         return np.sqrt(np.maximum([float(self.layers[n].csum[int(c)]) for n, c in zip(self.names, counts)], 0.0))

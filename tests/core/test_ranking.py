@@ -72,3 +72,12 @@ def test_masks_nested_as_k_grows():
             for n in s:
                 assert not (m[n] & ~prev[n]).any()  # nothing revived
         prev = m
+
+
+def test_critical_count_by_hand():
+    s = {"a": torch.tensor([0.1, 0.5, 0.9]), "b": torch.tensor([0.2, 0.3, 0.4, 0.05])}
+    r = Ranking.from_scores(["a", "b"], s, s)
+    # t* = min(0.9, 0.4) = 0.4; scores below it: 0.1, 0.2, 0.3, 0.05 -> 4 of 7
+    assert r.critical_count() == 4
+    counts = r.global_counts(5)  # one more than critical: layer b loses its last weight
+    assert counts.tolist() == [1, 4]

@@ -1,0 +1,85 @@
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+
+from prune_lab.viz import (method_color, plot_accuracy_curve, plot_distortion, plot_layer_sparsity, plot_mask,
+                           save_figure, update_bars)
+
+TABLE = pd.DataFrame({"method": ["magnitude"] * 2 + ["lamp"] * 2, "layer": ["a.weight", "b.weight"] * 2,
+                      "n_weights": [100, 20] * 2, "sparsity": [0.9, 0.9, 0.95, 0.7]})
+DIST = TABLE.assign(frobenius=[1.0, 2.0, 1.5, 0.5], relative_frobenius=[0.5, 0.6, 0.7, 0.2],
+                    lookahead=[3.0, 4.0, 5.0, 1.0])
+
+
+def test_method_colours_are_fixed_and_distinct():
+    assert method_color("lamp") == method_color("lamp")
+    assert len({method_color(m) for m in ["magnitude", "global_magnitude", "lamp", "lap", "random"]}) == 5
+
+
+def test_layer_sparsity_bars():
+    fig = plot_layer_sparsity(TABLE)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 2 and [r.get_height() for r in bars[1].patches] == [0.95, 0.7]
+    assert bars[1].patches[0].get_facecolor()[:3] == pytest.approx(method_color("lamp"))
+    assert "a\n100" in [t.get_text() for t in ax.get_xticklabels()]
+    assert ax.get_ylabel() and ax.get_legend() is not None
+    assert fig.plot_data.equals(TABLE)
+
+
+def test_update_bars_in_place_and_structure_check():
+    fig = plot_layer_sparsity(TABLE)
+    new = TABLE.assign(sparsity=[0.5, 0.4, 0.3, 0.2])
+    assert update_bars(fig, new)
+    assert [r.get_height() for r in fig.axes[0].containers[0].patches] == [0.5, 0.4]
+    assert not update_bars(fig, TABLE[TABLE.method == "lamp"])  # different methods: rebuild instead
+
+
+def test_distortion_two_panels_and_model_row_dropped():
+    fig = plot_distortion(pd.concat([DIST, pd.DataFrame([{"method": "lamp", "layer": "(model)"}])]))
+    top, bottom = fig.axes
+    assert [r.get_height() for r in top.containers[0].patches] == [0.5, 0.6]
+    assert [r.get_height() for r in bottom.containers[1].patches] == [5.0, 1.0]
+    assert bottom.get_yscale() == "log" and "(model)" not in set(fig.plot_data.layer)
+
+
+def test_accuracy_curve_with_seeds_marker_and_log_axis():
+    df = pd.DataFrame({"method": ["lamp"] * 4, "sparsity": [0.5, 0.5, 0.9, 0.9], "seed": [0, 1, 0, 1],
+                       "accuracy": [0.9, 0.8, 0.5, 0.4]})
+    fig = plot_accuracy_curve(df, current=0.9, dense=0.95)
+    ax = fig.axes[0]
+    (line,) = [l for l in ax.get_lines() if l.get_label() == "lamp"]
+    assert list(line.get_ydata()) == pytest.approx([85.0, 45.0])
+    assert any(l.get_label().startswith("current") for l in ax.get_lines())
+    assert len(ax.collections) == 1  # the ± std band
+    log = plot_accuracy_curve(df, current=0.9, log_remaining=True)
+    assert log.axes[0].get_xscale() == "log"
+
+
+def test_mask_view_and_difference():
+    a = torch.tensor([[True, False], [True, True]])
+    b = torch.tensor([[True, True], [False, True]])
+    assert "3 of 4" in plot_mask(a).axes[0].get_title()
+    fig = plot_mask(a, other=b, names=("lamp", "lap"))
+    assert fig.plot_data.iloc[0].tolist() == [2, 1, 1]
+
+
+def test_save_figure_writes_valid_files(tmp_path):
+    written = save_figure(plot_layer_sparsity(TABLE), tmp_path / "sub" / "bars")
+    by_ext = {p.suffix: p.read_bytes() for p in written}
+    assert by_ext[".png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert by_ext[".pdf"][:5] == b"%PDF-"
+    assert b"<svg" in by_ext[".svg"][:500]
+    assert pd.read_csv(tmp_path / "sub" / "bars.csv").shape == TABLE.shape
+
+
+def test_no_pyplot_figures_leak():
+    import matplotlib.pyplot as plt
+
+    before = len(plt.get_fignums())
+    plot_layer_sparsity(TABLE), plot_distortion(DIST)
+    assert len(plt.get_fignums()) == before

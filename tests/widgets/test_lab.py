@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+import prune_lab as pl
+from prune_lab.widgets import PruneLab
+
+
+@pytest.fixture(scope="module")
+def session():
+    data = pl.data.digits()
+    model = pl.train(pl.models.create("mlpnet", in_features=64, seed=0), data, epochs=10, progress=False).eval()
+    return pl.PruneSession(model, data)
+
+
+def bar_heights(fig, ax=0):
+    return [[r.get_height() for r in c.patches] for c in fig.axes[ax].containers]
+
+
+def test_slider_moves_redraw_the_panels(session):
+    lab = PruneLab(session, debounce_s=0)
+    assert lab.state.methods == ("magnitude", "lamp", "lap") and lab.state.error == ""
+    before = bar_heights(lab.figures["sparsity"])
+    png = lab.images["sparsity"].value
+    lab.slider.value = 0.5
+    assert lab.state.sparsity == 0.5
+    after = bar_heights(lab.figures["sparsity"])
+    assert after != before and after[0] == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
+    assert lab.images["sparsity"].value != png
+    assert "sparsity=0.500" in lab.state.status and "3 methods" in lab.state.status
+    assert lab.summary["remaining %"].tolist() == [50.0, 50.0, 50.0]
+    assert lab.summary["accuracy %"].notna().all()
+
+
+def test_methods_and_allocation_follow_the_controls(session):
+    lab = PruneLab(session, debounce_s=0)
+    lab.method_boxes["lap"].value = False
+    lab.method_boxes["global_magnitude"].value = True
+    assert lab.state.methods == ("magnitude", "global_magnitude", "lamp")  # registry order
+    assert set(lab.figures["sparsity"].plot_data.method) == {"global_magnitude", "magnitude", "lamp"}
+    lab.allocation.value = "erk"
+    assert set(lab.summary["allocation"]) == {"erk"}
+    assert lab.state.error == ""
+
+
+def test_errors_are_shown_in_words(session):
+    lab = PruneLab(session, debounce_s=0)
+    lab.allocation.value = "uniform_plus"
+    lab.slider.value = 0.99  # the last layer must keep 20 %: unreachable on this MLP
+    assert "uniform_plus" in lab.state.error and "cannot reach" in lab.state.error
+    assert "prune-lab-error" in lab.error.value
+    lab.slider.value = 0.5
+    assert lab.state.error == "" and lab.error.value == ""
+
+
+def test_accuracy_curve_fills_in_and_is_debounced(session):
+    lab = PruneLab(session, debounce_s=0)
+    curve = lab.figures["accuracy"].plot_data
+    assert set(curve.method) == {"magnitude", "lamp", "lap"} and len(curve) >= 3 * len(lab.grid)
+    lab.debounce_s = 60  # a long rest: the drag itself evaluates nothing new
+    calls = []
+    original = session.evaluate
+    session.evaluate = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        for v in (0.61, 0.62, 0.63):
+            lab.slider.value = v
+        assert calls == [] and lab._timer is not None
+        lab._timer.cancel()
+        lab.refresh_accuracy()
+        assert len(calls) > 0
+        assert 0.63 in set(lab.figures["accuracy"].plot_data.sparsity)
+    finally:
+        del session.evaluate
+
+
+def test_hyperparameter_controls_come_from_the_registry(session):
+    lab = PruneLab(session, debounce_s=0, selected=("magnitude",))
+    assert lab.hp_box.children == ()
+    hp_methods = [m for m in pl.list_methods() if pl.get_method(m).hyperparameter_fields()]
+    if hp_methods:
+        lab.method_boxes[hp_methods[0]].value = True
+        assert len(lab.hp_box.children) == len(pl.get_method(hp_methods[0]).hyperparameter_fields())
+
+
+def test_methods_needing_data_are_disabled_with_a_reason():
+    from prune_lab.methods import registry
+
+    spec = registry.MethodSpec("_needs_data_demo", "Demo", "", lambda ctx, hp: {}, "global",
+                               needs=frozenset({"data"}))
+    registry._METHODS[spec.name] = spec
+    try:
+        lab = PruneLab(pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(4, 3))), debounce_s=0)
+        box = lab.method_boxes["_needs_data_demo"]
+        assert box.disabled and "needs data" in box.tooltip
+        assert "_needs_data_demo" not in lab.state.methods
+    finally:
+        del registry._METHODS[spec.name]
+
+
+def test_export_writes_every_panel(session, tmp_path):
+    lab = PruneLab(session, debounce_s=0)
+    lab.slider.value = 0.8
+    written = lab.export(tmp_path / "figs")
+    names = {p.name for p in written}
+    for panel in ("sparsity", "distortion", "accuracy"):
+        assert {f"{panel}.png", f"{panel}.pdf", f"{panel}.svg", f"{panel}.csv"} <= names
+        assert (tmp_path / "figs" / f"{panel}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "figs" / f"{panel}.pdf").read_bytes()[:5] == b"%PDF-"
+    settings = json.loads((tmp_path / "figs" / "settings.json").read_text())
+    assert settings["sparsity"] == 0.8 and settings["methods"] == ["magnitude", "lamp", "lap"]
+    assert settings["model_fingerprint"] == session.fingerprint and settings["prune_lab_version"]
+    assert "output distortion" in (tmp_path / "figs" / "summary.csv").read_text()
+
+
+def test_model_untouched_by_the_lab(session):
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    lab = PruneLab(session, debounce_s=0)
+    for v in (0.3, 0.95):
+        lab.slider.value = v
+    lab.export_path.value = "unused"
+    assert all(torch.equal(before[k], v) for k, v in session.model.state_dict().items())
