@@ -7,7 +7,9 @@ identity, fine-tuning settings — so a repeated sweep, or a slider moved back t
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import threading
 import warnings
 from dataclasses import asdict
 
@@ -28,6 +30,18 @@ from ..training import evaluate, train
 MODEL_ROW = "(model)"
 
 
+def _locked(fn):
+    """Serialise calls on one session: evaluation swaps parameters in through ``functional_call``, so two threads
+    (a dashboard's debounced refresh and a running cell) must never evaluate the same model at once."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class PruneSession(EngineSession):
     """:class:`prune_lab.engine.PruneSession` with analysis: :meth:`distortion`, :meth:`distortion_curve`,
     :meth:`sweep` and cached :meth:`evaluate`.
@@ -40,11 +54,24 @@ class PruneSession(EngineSession):
 
     def __init__(self, model, data=None, **kw):
         super().__init__(model, data, **kw)
+        self._lock = threading.RLock()
         self._evals: dict = {}
         self._identities: dict = {}
         self._dense_out: dict = {}
 
     # ------------------------------------------------------------------------------------------------------------
+    @_locked
+    def prune(self, *args, **kwargs) -> PruneResult:
+        return super().prune(*args, **kwargs)
+
+    prune.__doc__ = EngineSession.prune.__doc__
+
+    @_locked
+    def scores(self, *args, **kwargs) -> dict:
+        return super().scores(*args, **kwargs)
+
+    scores.__doc__ = EngineSession.scores.__doc__
+
     def _data_id(self, data) -> str:
         hit = self._identities.get(id(data))
         if hit is None or hit[0] is not data:
@@ -76,6 +103,7 @@ class PruneSession(EngineSession):
         hit = self._evals.get(self._eval_key(result, data, {}))
         return None if hit is None else dict(hit)
 
+    @_locked
     def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
         """``{"accuracy", "loss"}`` on held-out data with ``result`` applied (dense for ``None``), cached by content.
         The model is not modified."""
@@ -91,6 +119,7 @@ class PruneSession(EngineSession):
         return dict(hit)
 
     # ------------------------------------------------------------------------------------------------------------
+    @_locked
     def distortion(self, result: PruneResult, *, data=None, lookahead: bool = True, output: bool = True,
                    n_calibration: int = 256) -> pd.DataFrame:
         """One row per prunable layer: ``layer, n_weights, sparsity, frobenius, relative_frobenius, lookahead``;
@@ -122,6 +151,7 @@ class PruneSession(EngineSession):
         df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity)
         return df
 
+    @_locked
     def output_distortion(self, result: PruneResult, *, data=None, n: int = 256) -> dict:
         """``{"output_distortion", "loss_change"}`` of ``result`` on a calibration batch of ``data``."""
         data = self._data(data, "output distortion")
@@ -164,6 +194,7 @@ class PruneSession(EngineSession):
         return df
 
     # ------------------------------------------------------------------------------------------------------------
+    @_locked
     def sweep(self, methods, sparsities, *, allocations=None, seeds=(0,), finetune: dict | None = None, data=None,
               progress: bool = True, **hp) -> pd.DataFrame:
         """Accuracy and loss over methods × allocations × sparsities × seeds: a row per point with ``method,
@@ -184,7 +215,7 @@ class PruneSession(EngineSession):
         points = [(m, a, s, seed) for m in methods for a in allocations for seed in seeds for s in sparsities]
         rows = []
         interrupted = False
-        bar = tqdm(points, desc="sweep", disable=not progress, leave=False)
+        bar = tqdm(points, desc="sweep", disable=not progress)
         try:
             for method, alloc, s, seed in bar:
                 bar.set_postfix_str(f"{method} @ {s:g}")

@@ -97,18 +97,18 @@ def plot_distortion(data: pd.DataFrame, *, ax=None, relative: bool = True, title
     single = "relative_frobenius" if relative else "frobenius"
     with paper_style():
         if ax is None:
-            fig = Figure(figsize=(max(6.0, 0.5 * len(layers) * max(1, len(methods)) ** 0.5 + 2), 4.6),
+            fig = Figure(figsize=(max(6.4, 0.5 * len(layers) * max(1, len(methods)) ** 0.5 + 2), 5.0),
                          layout="constrained", dpi=100)
             ax1, ax2 = fig.subplots(2, 1, sharex=True)
         else:
             fig, ax1, ax2 = ax.figure, ax, None
         x = _grouped_bars(ax1, data, single, methods, layers)
-        ax1.set_ylabel("single layer ‖W − W̃‖_F / ‖W‖_F" if relative else "single layer ‖W − W̃‖_F")
+        ax1.set_ylabel("single layer\n‖W − W̃‖ / ‖W‖" if relative else "single layer\n‖W − W̃‖_F")
         ax1.set_title(title or "Distortion per layer: single layer (top), lookahead (bottom)")
         ax1.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         if ax2 is not None and "lookahead" in data:
             _grouped_bars(ax2, data, "lookahead", methods, layers, alpha=0.6)
-            ax2.set_ylabel("lookahead ‖W₊ (W − W̃) W₋‖_F")
+            ax2.set_ylabel("lookahead\n‖W₊(W − W̃)W₋‖")
             ax2.set_yscale("log")
             ax2.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

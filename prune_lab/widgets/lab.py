@@ -82,7 +82,7 @@ class PruneLab:
         self.summary = pd.DataFrame()
         self.results: dict = {}
         self.timings: dict = {}
-        self._lock = threading.RLock()
+        self._lock = getattr(session, "_lock", threading.RLock())  # one lock per session, shared with cells
         self._timer = None
         self._build()
         self.state.observe(self._on_fast_change, names=["sparsity", "methods", "allocation", "log_remaining"])
@@ -116,7 +116,7 @@ class PruneLab:
             why = self.unavailable[m]
             box = widgets.Checkbox(value=m in st.methods, description=spec.label, indent=False,
                                    disabled=bool(why), tooltip=why or f"{spec.description} — {spec.reference}",
-                                   layout=widgets.Layout(width="180px"))
+                                   layout=widgets.Layout(width="220px"))
             box.observe(self._on_method_box, names="value")
             self.method_boxes[m] = box
         self.allocation = widgets.Dropdown(options=[PAPER_DEFAULT] + list_allocations(), value=st.allocation,
@@ -137,12 +137,11 @@ class PruneLab:
         self.busy = widgets.HTML()
         self.status = widgets.HTML()
         self.error = widgets.HTML()
-        self.images = {k: widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
-                       for k in ("sparsity", "distortion", "accuracy")}
+        self.images = {k: widgets.Image(format="png") for k in ("sparsity", "distortion", "accuracy")}
         self.summary_html = widgets.HTML()
         self._build_hyperparameters()
         methods_grid = widgets.GridBox(list(self.method_boxes.values()),
-                                       layout=widgets.Layout(grid_template_columns="repeat(4, 185px)"))
+                                       layout=widgets.Layout(grid_template_columns="repeat(4, 225px)"))
         controls = widgets.VBox([
             widgets.HBox([self.slider, self.remaining, self.log_toggle]),
             methods_grid,
@@ -189,10 +188,8 @@ class PruneLab:
         w.observe(changed, names="value")
         return w
 
-    def _ipython_display_(self):  # pragma: no cover - exercised in a notebook
-        from IPython.display import display
-
-        display(self.widget)
+    def _repr_mimebundle_(self, **kwargs):  # a notebook shows the dashboard when the lab is a cell's value
+        return self.widget._repr_mimebundle_(**kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # controller
@@ -266,7 +263,7 @@ class PruneLab:
                 fig = self.figures.get(name)
                 if fig is None or not plots.update_bars(fig, data, title if name == "sparsity" else None):
                     fig = self.figures[name] = make()
-                self.images[name].value = _png(fig, live=True)
+                self._show(name, fig, live=True)
         self._update_summary(evaluate=False)
         self.state.status = (f"sparsity={s:.3f} · {len(results)} method{'s' if len(results) != 1 else ''} · drawn")
         if errors:
@@ -321,7 +318,13 @@ class PruneLab:
         self.figures["accuracy"] = plots.plot_accuracy_curve(
             rows, current=self.state.sparsity, dense=None if dense is None else dense["accuracy"],
             log_remaining=self.state.log_remaining)
-        self.images["accuracy"].value = _png(self.figures["accuracy"])
+        self._show("accuracy", self.figures["accuracy"])
+
+    def _show(self, name, fig, live=False, dpi=80):
+        """Render ``fig`` into panel ``name`` at its natural size (never stretched by the layout)."""
+        self.images[name].value = _png(fig, dpi=dpi, live=live)
+        w, h = fig.get_size_inches() * dpi
+        self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", object_fit="contain")
 
     def _update_summary(self, evaluate: bool = True):
         """The summary table; ``evaluate=False`` (while dragging) shows only cached accuracies and no output

@@ -159,3 +159,36 @@ def test_sweep_rejects_bad_points(trained, digits):
         s.sweep("lamp", [0.5, 1.0], progress=False)
     with pytest.raises(ValueError, match="unknown method"):
         s.sweep(["lamp", "lamb"], [0.5], progress=False)
+
+
+def test_concurrent_evaluations_do_not_mix(trained, digits):
+    """A dashboard's refresh thread and a running cell use one session at once. Evaluation swaps pruned weights in
+    (functional_call); a second thread must never read the swapped weights as the model's own."""
+    import threading
+
+    s = pl.PruneSession(trained, digits)
+    dense = pl.evaluate(trained, digits)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(module, args):  # keeps thread A inside its forward pass, pruned weights swapped in
+        if threading.current_thread().name == "A" and not inside.is_set():
+            inside.set()
+            release.wait(timeout=5)
+
+    handle = trained.fc1.register_forward_pre_hook(hold)
+    try:
+        a = threading.Thread(target=lambda: s.output_distortion(s.prune("magnitude", 0.9)), name="A")
+        a.start()
+        assert inside.wait(timeout=30)
+        got = {}
+        b = threading.Thread(target=lambda: got.update(s.evaluate(s.prune("lap", 0.0))), name="B")
+        b.start()
+        b.join(timeout=1.0)  # B must wait for A: it may not evaluate while A's weights are swapped in
+        assert b.is_alive()
+        release.set()
+        a.join()
+        b.join()
+    finally:
+        release.set()
+        handle.remove()
+    assert got == dense
