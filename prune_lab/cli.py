@@ -2,12 +2,14 @@
 
     prune-lab methods                                   # the registry: methods, labels, allocations, papers
     prune-lab prune --method lamp lap --sparsity 0.5 0.9 0.98          # pretrained mlpnet on digits
-    prune-lab prune --model resnet18 --method global_magnitude --sparsity 0.8 --no-evaluate
+    prune-lab prune --model torchvision:resnet18 --data none --method global_magnitude --sparsity 0.8
+    prune-lab report --model mlpnet --data digits --methods magnitude,global_magnitude,lamp,lap --out figures/
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -71,6 +73,44 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The lab's figures and tables without Jupyter: layer sparsity, distortion and accuracy curves."""
+    import json
+
+    from . import __version__
+    from .analysis import PruneSession as AnalysisSession
+    from .analysis import layer_table
+    from .viz import plot_accuracy_curve, plot_distortion, plot_layer_sparsity, save_figure
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)
+    maker = DATASETS[args.data]
+    bundle = maker(root=args.data_root) if args.data != "digits" else maker()
+    model, _ = _load_model(args.model, bundle, args.device)
+    session = AnalysisSession(model, bundle, device=args.device)
+    out = Path(args.out)
+    grid = sorted(set(args.grid) | {args.sparsity})
+    curve = session.sweep(methods, grid, allocations=args.allocation, progress=args.progress)
+    results = {m: session.prune(m, args.sparsity, allocation=args.allocation) for m in methods}
+    table = layer_table(results).assign(method=lambda d: d.label)
+    dist = pd.concat([session.distortion(r).assign(method=m) for m, r in
+                      tqdm(results.items(), desc="distortion", disable=not args.progress)], ignore_index=True)
+    written = []
+    written += save_figure(plot_layer_sparsity(table, title=f"Layerwise sparsity at {args.sparsity:g}"),
+                           out / "layer_sparsity")
+    written += save_figure(plot_distortion(dist), out / "distortion")
+    written += save_figure(plot_accuracy_curve(curve, current=args.sparsity,
+                                               dense=session.evaluate()["accuracy"]), out / "accuracy")
+    dist.to_csv(out / "distortion_table.csv", index=False)
+    settings = {"model": args.model, "data": args.data, "model_fingerprint": session.fingerprint,
+                "methods": methods, "allocation": args.allocation, "sparsity": args.sparsity, "grid": grid,
+                "prune_lab_version": __version__}
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {len(written) + 2} files to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="prune-lab", description="Prune neural networks and compare methods.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -89,6 +129,17 @@ def main(argv=None) -> int:
     p.add_argument("--layers", action="store_true", help="also print each layer's sparsity")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    r = sub.add_parser("report", help="write the lab's figures (PNG/PDF/SVG) and tables (CSV) to a folder")
+    r.add_argument("--model", default="mlpnet")
+    r.add_argument("--data", default="digits", choices=list(DATASETS))
+    r.add_argument("--data-root", default=None)
+    r.add_argument("--methods", default="magnitude,global_magnitude,lamp,lap", help="comma-separated")
+    r.add_argument("--allocation", default=None, choices=list_allocations())
+    r.add_argument("--sparsity", type=float, default=0.9, help="for the per-layer panels")
+    r.add_argument("--grid", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    r.add_argument("--out", default="figures")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     if args.command == "methods":
         with pd.option_context("display.max_colwidth", 80, "display.width", 200):
@@ -96,7 +147,7 @@ def main(argv=None) -> int:
             print("\nallocations:", ", ".join(f"{a} ({get_allocation(a).label})" for a in list_allocations()))
         return 0
     try:
-        return cmd_prune(args)
+        return cmd_report(args) if args.command == "report" else cmd_prune(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"prune-lab: error: {exc}", file=sys.stderr)
         return 2
