@@ -122,7 +122,8 @@ class PruneSession(EngineSession):
     @_locked
     def distortion(self, result: PruneResult, *, data=None, lookahead: bool = True, output: bool = True,
                    n_calibration: int = 256) -> pd.DataFrame:
-        """One row per prunable layer: ``layer, n_weights, sparsity, frobenius, relative_frobenius, lookahead``;
+        """One row per prunable layer: ``layer, n_weights, sparsity, frobenius, relative_frobenius, lookahead,
+        relative_lookahead`` (÷ the lookahead distortion of removing the whole layer, ``‖W₊ W W₋‖``);
         with data (given here or to the session), a ``(model)`` row adds ``output_distortion``
         (``mean_x ‖f(x;W) − f(x;W̃)‖ / ‖f(x;W)‖`` on a calibration batch) and ``loss_change``.
         Updated weights are used when the method provides them."""
@@ -136,6 +137,8 @@ class PruneSession(EngineSession):
                 pruned = (result.weights[n] if result.weights is not None else
                           state.weights[n] * result.masks[n].to(state.weights[n].device))
                 row["lookahead"] = lookahead_distortion(self.graph, state.weights, n, pruned, state.scales)
+                full = self._full_lookahead(n, state)
+                row["relative_lookahead"] = row["lookahead"] / full if full > 0 else 0.0
             rows.append(row)
         df = pd.DataFrame(rows)
         total = {"layer": MODEL_ROW, "n_weights": int(df["n_weights"].sum()), "sparsity": result.sparsity,
@@ -144,6 +147,8 @@ class PruneSession(EngineSession):
                  max(math.sqrt(sum(v ** 2 for v in result.weight_norms.values())), 1e-30)}
         if lookahead:
             total["lookahead"] = math.sqrt(float((df["lookahead"] ** 2).sum()))
+            full = math.sqrt(sum(self._full_lookahead(n, state) ** 2 for n in result.layers))
+            total["relative_lookahead"] = total["lookahead"] / full if full > 0 else 0.0
         data = data if data is not None else self.data
         if data is not None and output:
             total.update(self.output_distortion(result, data=data, n=n_calibration))
@@ -152,6 +157,16 @@ class PruneSession(EngineSession):
         return df
 
     @_locked
+    def _full_lookahead(self, name: str, state) -> float:
+        """``‖W₊ W W₋‖`` (the whole layer removed): the scale of the relative lookahead distortion."""
+        key = ("full_lookahead", state.fingerprint, name)
+        hit = self._evals.get(key)
+        if hit is None:
+            w = state.weights[name]
+            hit = lookahead_distortion(self.graph, state.weights, name, torch.zeros_like(w), state.scales)
+            self._evals[key] = hit
+        return hit
+
     def output_distortion(self, result: PruneResult, *, data=None, n: int = 256) -> dict:
         """``{"output_distortion", "loss_change"}`` of ``result`` on a calibration batch of ``data``."""
         data = self._data(data, "output distortion")

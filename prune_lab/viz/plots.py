@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from ..methods import list_methods
 
@@ -86,9 +85,10 @@ def plot_layer_sparsity(data: pd.DataFrame, *, ax=None, title=None) -> Figure:
 
 
 def plot_distortion(data: pd.DataFrame, *, ax=None, relative: bool = True, title=None) -> Figure:
-    """Frobenius distortion per layer, single-layer (top) and lookahead (bottom, log scale), methods side by side.
+    """Frobenius distortion per layer, single-layer (top) and lookahead (bottom), methods side by side; relative
+    (÷ the distortion of removing the whole layer) by default.
 
-    ``data``: ``method, layer, frobenius, relative_frobenius, lookahead`` (e.g. stacked
+    ``data``: ``method, layer, frobenius, relative_frobenius, lookahead, relative_lookahead`` (e.g. stacked
     ``session.distortion(result)`` tables with a ``method`` column; the ``(model)`` row is dropped).
     """
     data = data[data["layer"] != "(model)"]
@@ -106,39 +106,58 @@ def plot_distortion(data: pd.DataFrame, *, ax=None, relative: bool = True, title
         ax1.set_ylabel("single layer\n‖W − W̃‖ / ‖W‖" if relative else "single layer\n‖W − W̃‖_F")
         ax1.set_title(title or "Distortion per layer: single layer (top), lookahead (bottom)")
         ax1.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        if ax2 is not None and "lookahead" in data:
-            _grouped_bars(ax2, data, "lookahead", methods, layers, alpha=0.6)
-            ax2.set_ylabel("lookahead\n‖W₊(W − W̃)W₋‖")
-            ax2.set_yscale("log")
-            ax2.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax2.yaxis.set_minor_locator(NullLocator())
+        look = "relative_lookahead" if relative and "relative_lookahead" in data else "lookahead"
+        if ax2 is not None and look in data:
+            _grouped_bars(ax2, data, look, methods, layers, alpha=0.6)
+            ax2.set_ylabel("lookahead\n‖W₊(W − W̃)W₋‖ / ‖W₊WW₋‖" if look == "relative_lookahead" else
+                           "lookahead\n‖W₊(W − W̃)W₋‖_F")
             _layer_ticks(ax2, x, layers)
             ax2.set_xlabel("layer")
         else:
             _layer_ticks(ax1, x, layers)
+        if relative:
+            _fixed_unit_range(ax1, data[single].to_numpy(dtype=float), force=True)
+            if ax2 is not None and look in data:
+                _fixed_unit_range(ax2, data[look].to_numpy(dtype=float), force=True)
     fig.plot_data = data.copy()
-    fig.bar_values = [(single, methods, layers)] + ([("lookahead", methods, layers)] if ax2 is not None else [])
+    fig.bar_values = [(single, methods, layers)] + ([(look, methods, layers)] if ax2 is not None else [])
     return fig
+
+
+def _fixed_unit_range(ax, values, force: bool = False) -> bool:
+    """Relative distortions live in [0, 1] (rarely above): a fixed y-range keeps the frame still while a slider
+    moves. Keeps the current range when it fits ``values`` (returns True), else sets a new one (returns False)."""
+    top = float(np.nanmax(values)) if np.size(values) and not np.isnan(values).all() else 0.0
+    lo, hi = ax.get_ylim()
+    if not force and lo == 0.0 and top <= hi and (hi == 1.05 or top > hi / 1.5):
+        return True
+    ax.set_ylim(0.0, 1.05 if top <= 1.05 else top * 1.1)
+    return False
 
 
 def update_bars(fig: Figure, data: pd.DataFrame, title: str | None = None) -> bool:
     """Put new values into the bars of a figure made by :func:`plot_layer_sparsity` or :func:`plot_distortion`
-    (same methods and layers), rescaling free y-axes: much cheaper than building the figure again while a slider
-    moves. Returns False (and changes nothing) when the structure differs."""
+    (same methods and layers): much cheaper than building the figure again while a slider moves. Returns False (and
+    changes nothing) when the structure differs; sets ``fig.layout_changed`` when an axis had to be rescaled."""
     spec = getattr(fig, "bar_values", None)
     data = data[data["layer"] != "(model)"]
     if spec is None or list(dict.fromkeys(data["method"])) != spec[0][1] or \
             list(dict.fromkeys(data["layer"])) != spec[0][2]:
         return False
+    fig.layout_changed = False
     for ax, (column, methods, layers) in zip(fig.axes, spec):
+        values = []
         for container, m in zip(ax.containers, methods):
-            values = data[data.method == m].set_index("layer").reindex(layers)[column].to_numpy(dtype=float)
-            for rect, v in zip(container.patches, values):
-                rect.set_height(0.0 if np.isnan(v) else v)
-        if column != "sparsity":
+            v = data[data.method == m].set_index("layer").reindex(layers)[column].to_numpy(dtype=float)
+            values.append(v)
+            for rect, h in zip(container.patches, v):
+                rect.set_height(0.0 if np.isnan(h) else h)
+        if column.startswith("relative") and not _fixed_unit_range(ax, np.concatenate(values)):
+            fig.layout_changed = True
+        elif column in ("frobenius", "lookahead"):  # absolute values: a free axis
             ax.relim()
             ax.autoscale_view(scalex=False)
+            fig.layout_changed = True
     if title is not None:
         fig.axes[0].set_title(title)
     fig.plot_data = data.copy()

@@ -45,15 +45,49 @@ class LabState(HasTraits):
         return float(min(max(proposal["value"], 0.0), 0.999))
 
 
-def _png(fig, dpi=80, live=False) -> bytes:
-    """Render for the dashboard. The first render lays the figure out (constrained layout); live re-renders keep
-    that layout frozen, which halves the cost while the slider moves."""
+def _png(fig, dpi=80) -> bytes:
     buf = io.BytesIO()
-    if live and getattr(fig, "_laid_out", False):
-        fig.set_layout_engine("none")
     fig.savefig(buf, format="png", dpi=dpi)
-    fig._laid_out = True
     return buf.getvalue()
+
+
+class LiveRenderer:
+    """Renders a bar figure again and again while only its bars change (blitting).
+
+    The first render draws everything except the bars and keeps each axes' background; later renders restore the
+    backgrounds and draw the bars alone, then encode the PNG fast. About ten times cheaper than a full draw; a full
+    draw happens again when the figure is new or an axis had to change.
+    """
+
+    def __init__(self, dpi: int = 80):
+        self.dpi = dpi
+        self.fig = None
+        self.backgrounds = None
+
+    def render(self, fig) -> bytes:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from PIL import Image
+
+        bars = [p for ax in fig.axes for c in ax.containers for p in c.patches]
+        if fig is not self.fig or getattr(fig, "layout_changed", False) or self.backgrounds is None:
+            canvas = FigureCanvasAgg(fig)
+            fig.set_dpi(self.dpi)
+            for p in bars:
+                p.set_animated(True)
+            canvas.draw()  # lays the figure out once and draws all but the bars
+            fig.set_layout_engine("none")  # keep that layout: later renders only move bars
+            self.backgrounds = [canvas.copy_from_bbox(ax.bbox) for ax in fig.axes]
+            self.fig = fig
+            fig.layout_changed = False
+        canvas = fig.canvas
+        for ax, bg in zip(fig.axes, self.backgrounds):
+            canvas.restore_region(bg)
+            for c in ax.containers:
+                for p in c.patches:
+                    ax.draw_artist(p)
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
+        return buf.getvalue()
 
 
 class PruneLab:
@@ -84,6 +118,7 @@ class PruneLab:
         self.timings: dict = {}
         self._lock = getattr(session, "_lock", threading.RLock())  # one lock per session, shared with cells
         self._timer = None
+        self._live = {"sparsity": LiveRenderer(), "distortion": LiveRenderer()}
         self._build()
         self.state.observe(self._on_fast_change, names=["sparsity", "methods", "allocation", "log_remaining"])
         self.state.observe(self._on_evaluate_toggle, names=["evaluate"])
@@ -257,11 +292,10 @@ class PruneLab:
             with self._lock:
                 dist = pd.concat([self.session.distortion(r, output=False).assign(method=m)
                                   for m, r in results.items()], ignore_index=True)
-            title = f"Layerwise sparsity at {s:.3g}"
-            for name, data, make in (("sparsity", table, lambda: plots.plot_layer_sparsity(table, title=title)),
+            for name, data, make in (("sparsity", table, lambda: plots.plot_layer_sparsity(table)),
                                      ("distortion", dist, lambda: plots.plot_distortion(dist))):
                 fig = self.figures.get(name)
-                if fig is None or not plots.update_bars(fig, data, title if name == "sparsity" else None):
+                if fig is None or not plots.update_bars(fig, data):
                     fig = self.figures[name] = make()
                 self._show(name, fig, live=True)
         self._update_summary(evaluate=False)
@@ -322,7 +356,7 @@ class PruneLab:
 
     def _show(self, name, fig, live=False, dpi=80):
         """Render ``fig`` into panel ``name`` at its natural size (never stretched by the layout)."""
-        self.images[name].value = _png(fig, dpi=dpi, live=live)
+        self.images[name].value = self._live[name].render(fig) if live else _png(fig, dpi=dpi)
         w, h = fig.get_size_inches() * dpi
         self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", object_fit="contain")
 
@@ -357,7 +391,7 @@ class PruneLab:
         written = []
         for name, fig in self.figures.items():  # fresh figures, laid out for print (the live ones are frozen)
             if name == "sparsity":
-                fig = plots.plot_layer_sparsity(fig.plot_data, title=fig.axes[0].get_title())
+                fig = plots.plot_layer_sparsity(fig.plot_data, title=f"Layerwise sparsity at {self.state.sparsity:.3g}")
             elif name == "distortion":
                 fig = plots.plot_distortion(fig.plot_data)
             written += plots.save_figure(fig, folder / name)

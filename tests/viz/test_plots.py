@@ -11,7 +11,7 @@ from prune_lab.viz import (method_color, plot_accuracy_curve, plot_distortion, p
 TABLE = pd.DataFrame({"method": ["magnitude"] * 2 + ["lamp"] * 2, "layer": ["a.weight", "b.weight"] * 2,
                       "n_weights": [100, 20] * 2, "sparsity": [0.9, 0.9, 0.95, 0.7]})
 DIST = TABLE.assign(frobenius=[1.0, 2.0, 1.5, 0.5], relative_frobenius=[0.5, 0.6, 0.7, 0.2],
-                    lookahead=[3.0, 4.0, 5.0, 1.0])
+                    lookahead=[3.0, 4.0, 5.0, 1.0], relative_lookahead=[0.3, 0.4, 0.5, 0.1])
 
 
 def test_method_colours_are_fixed_and_distinct():
@@ -43,8 +43,14 @@ def test_distortion_two_panels_and_model_row_dropped():
     fig = plot_distortion(pd.concat([DIST, pd.DataFrame([{"method": "lamp", "layer": "(model)"}])]))
     top, bottom = fig.axes
     assert [r.get_height() for r in top.containers[0].patches] == [0.5, 0.6]
-    assert [r.get_height() for r in bottom.containers[1].patches] == [5.0, 1.0]
-    assert bottom.get_yscale() == "log" and "(model)" not in set(fig.plot_data.layer)
+    assert [r.get_height() for r in bottom.containers[1].patches] == [0.5, 0.1]
+    assert top.get_ylim() == (0.0, 1.05) and bottom.get_ylim() == (0.0, 1.05)  # relative: a still frame
+    assert "(model)" not in set(fig.plot_data.layer)
+    assert update_bars(fig, DIST.assign(relative_lookahead=[0.3, 0.4, 0.5, 0.2])) and not fig.layout_changed
+    assert update_bars(fig, DIST.assign(relative_lookahead=[0.3, 0.4, 2.0, 0.2])) and fig.layout_changed
+    assert bottom.get_ylim()[1] > 2.0
+    absolute = plot_distortion(DIST, relative=False)
+    assert [r.get_height() for r in absolute.axes[1].containers[1].patches] == [5.0, 1.0]
 
 
 def test_accuracy_curve_with_seeds_marker_and_log_axis():

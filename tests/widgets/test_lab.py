@@ -120,3 +120,33 @@ def test_model_untouched_by_the_lab(session):
         lab.slider.value = v
     lab.export_path.value = "unused"
     assert all(torch.equal(before[k], v) for k, v in session.model.state_dict().items())
+
+
+def test_live_render_matches_a_full_draw():
+    """The blitted live frame shows the same picture as drawing the figure in full."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from prune_lab.viz import plot_layer_sparsity, update_bars
+    from prune_lab.widgets.lab import LiveRenderer
+
+    table = pd.DataFrame({"method": ["magnitude", "lamp"] * 2, "layer": ["a", "a", "b", "b"],
+                          "n_weights": [10, 10, 5, 5], "sparsity": [0.2, 0.4, 0.6, 0.8]})
+    fig = plot_layer_sparsity(table)
+    live = LiveRenderer(dpi=60)
+    first = live.render(fig)
+    assert update_bars(fig, table.assign(sparsity=[0.9, 0.1, 0.3, 0.5]))
+    second = live.render(fig)
+    assert second != first
+    for ax in fig.axes:
+        for c in ax.containers:
+            for p in c.patches:
+                p.set_animated(False)
+    fig.canvas.draw()
+    full = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    blit = np.asarray(Image.open(io.BytesIO(second)).convert("RGB")).astype(int)
+    assert blit.shape == full.shape
+    assert (np.abs(blit - full).max(axis=2) > 30).mean() < 0.01
