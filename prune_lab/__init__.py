@@ -4,19 +4,19 @@
 >>> "lap" in pl.list_methods(), pl.list_allocations()
 (True, ['uniform', 'global', 'lamp', 'uniform_plus', 'erk'])
 """
-from . import analysis, data, models
+from . import analysis, data, export, models, training
 from ._version import __version__
 from .core.allocation import list_allocations
 from .core.graph import build_graph, prunable_parameters
 from .analysis import PruneSession
-from .engine import PruneResult, prune, score
+from .engine import IterativeResult, PruneResult, iterative_prune, prune, score
 from .methods import get_method, list_methods
 from .training import evaluate, pretrained, recalibrate_bn, train
 
 __all__ = [
-    "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "get_method",
+    "IterativeResult", "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_method",
     "list_allocations", "list_methods", "models", "pretrained", "prunable_parameters", "prune", "recalibrate_bn",
-    "score", "train",
+    "score", "train", "training",
 ]
 
 

@@ -111,10 +111,8 @@ class PruneSession(EngineSession):
         key = self._eval_key(result, data, kw)
         hit = self._evals.get(key)
         if hit is None:
-            if result is not None and result.weights is not None:
-                hit = _evaluate_overrides(self.model, data, self._overrides(result), **kw)
-            else:
-                hit = evaluate(self.model, data, masks=None if result is None else result.masks, **kw)
+            hit = evaluate(self.model, data, masks=None if result is None else result.masks,
+                           weights=None if result is None else result.weights, **kw)
             self._evals[key] = hit
         return dict(hit)
 
@@ -156,7 +154,6 @@ class PruneSession(EngineSession):
         df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity)
         return df
 
-    @_locked
     def _full_lookahead(self, name: str, state) -> float:
         """``‖W₊ W W₋‖`` (the whole layer removed): the scale of the relative lookahead distortion."""
         key = ("full_lookahead", state.fingerprint, name)
@@ -167,6 +164,7 @@ class PruneSession(EngineSession):
             self._evals[key] = hit
         return hit
 
+    @_locked
     def output_distortion(self, result: PruneResult, *, data=None, n: int = 256) -> dict:
         """``{"output_distortion", "loss_change"}`` of ``result`` on a calibration batch of ``data``."""
         data = self._data(data, "output distortion")
@@ -288,15 +286,3 @@ def _forward(model, x, overrides) -> torch.Tensor:
     finally:
         for m, t in modes:
             m.training = t
-
-
-def _evaluate_overrides(model, data, overrides, batch_size: int = 512, **_) -> dict:
-    from ..data import iter_batches
-
-    loss, correct, n = 0.0, 0, 0
-    for x, y in iter_batches(data, split="test", batch_size=batch_size):
-        out = _forward(model, x, overrides)
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        n += int(y.shape[0])
-    return {"accuracy": correct / n, "loss": loss / n}

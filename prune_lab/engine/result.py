@@ -2,8 +2,35 @@
 built only when first asked for (a slider move never materialises them)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
+import torch
+
+FORMAT = "prune_lab.PruneResult"
+FORMAT_VERSION = 1
+
+
+def plain(value):
+    """``value`` as plain Python (numbers, strings, None, tuples, lists, dicts) for files read with
+    ``torch.load(weights_only=True)``: numpy and 0-d tensor scalars become numbers; anything else its ``repr``.
+
+    >>> plain({"lam": np.float64(0.5), "shape": (1, np.int64(28))})
+    {'lam': 0.5, 'shape': (1, 28)}
+    """
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()  # before the float test: numpy.float64 is a float subclass
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return repr(value)
 
 
 @dataclass
@@ -13,7 +40,11 @@ class PruneResult:
     ``masks``: ``{name: BoolTensor}`` of the parameters' shapes, True = kept (built on first access);
     ``weights``: ``{name: Tensor}`` of updated kept weights for methods that update them, else ``None``;
     ``layer_sparsity``: ``{name: float}``; ``sparsity``: achieved over the prunable set; ``frobenius``:
-    ``{name: ‖W − M⊙W‖_F}``; ``target_sparsity``: what was asked for.
+    ``{name: ‖W − M⊙W‖_F}``; ``target_sparsity``: what was asked for; ``model_fingerprint``: the content hash
+    of the model's weights it was computed on (:attr:`PruneSession.fingerprint`).
+
+    :meth:`save` / :meth:`load` keep it on disk (masks packed as bits); :meth:`check_model` tells whether a model
+    is the one it was computed on.
 
     >>> import torch, prune_lab as pl
     >>> res = pl.prune(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), "magnitude", 0.5)
@@ -33,6 +64,7 @@ class PruneResult:
     weight_norms: dict
     model_fingerprint: str = ""
     weights: dict | None = None
+    library_version: str | None = field(default=None, repr=False)  # set on results read by load()
     _mask_builder: Callable | None = field(default=None, repr=False)
     _masks: dict | None = field(default=None, repr=False)
 
@@ -77,3 +109,124 @@ class PruneResult:
     def __repr__(self) -> str:
         return (f"PruneResult(method={self.method!r}, allocation={self.allocation!r}, "
                 f"sparsity={self.sparsity:.4f}, layers={len(self.layers)}, kept={self.n_kept})")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the result to ``path`` (one file, read back by :meth:`load`): the masks packed as bits
+        (``numpy.packbits``, 1 bit per weight), the updated weights when there are any (their dtype), the method,
+        allocation, target sparsity, hyperparameters, seed, per-layer counts and distortions, the model's
+        fingerprint and the library version. Loading needs no pickled code (``torch.load(weights_only=True)``).
+
+        >>> import tempfile, os, torch, prune_lab as pl
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        >>> res = pl.prune(net, "magnitude", 0.5)
+        >>> path = os.path.join(tempfile.mkdtemp(), "res.pt"); res.save(path)
+        >>> back = pl.PruneResult.load(path, model=net)
+        >>> torch.equal(back.masks["0.weight"], res.masks["0.weight"])
+        True
+        """
+        from .._version import __version__
+
+        masks = self.masks
+        packed, shapes = {}, {}
+        for n in self.layers:
+            m = masks[n].detach().to("cpu", torch.bool)
+            shapes[n] = tuple(m.shape)
+            packed[n] = torch.from_numpy(np.packbits(m.numpy().reshape(-1)))
+        payload = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+            "method": self.method, "allocation": self.allocation, "target_sparsity": float(self.target_sparsity),
+            "hyperparameters": plain(dict(self.hyperparameters)), "seed": plain(self.seed), "layers": list(self.layers),
+            "numel": plain(list(self.numel)), "pruned": plain(list(self.pruned)),
+            "frobenius": plain(dict(self.frobenius)), "weight_norms": plain(dict(self.weight_norms)), "model_fingerprint": self.model_fingerprint,
+            "mask_shapes": shapes, "masks": packed,
+            "weights": None if self.weights is None else {n: w.detach().cpu() for n, w in self.weights.items()},
+        }
+        torch.save(payload, os.fspath(path))
+
+    @classmethod
+    def load(cls, path, *, model=None, map_location="cpu") -> "PruneResult":
+        """Read a result written by :meth:`save`. ``model``: when given, :meth:`check_model` runs on it (a model
+        whose layers or weights differ from the one the result was computed on raises ``ValueError``).
+        ``map_location``: where the masks and weights go (default CPU).
+
+        >>> import tempfile, os, torch, prune_lab as pl
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "res.pt"); pl.prune(net, "lamp", 0.5).save(path)
+        >>> pl.PruneResult.load(path).sparsity
+        0.5
+        """
+        path = os.fspath(path)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our file
+            raise ValueError(f"{path!r} is not a saved PruneResult (could not read it: {type(exc).__name__}: "
+                             f"{exc}).") from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path!r} is not a saved PruneResult (no {FORMAT!r} header); write one with "
+                             f"result.save(path).")
+        if payload.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path!r} was written by prune_lab {payload.get('library_version')} in format "
+                             f"{payload['format_version']}; this prune_lab reads format {FORMAT_VERSION} and "
+                             f"older. Upgrade prune_lab.")
+        masks = {}
+        for n in payload["layers"]:
+            shape = tuple(payload["mask_shapes"][n])
+            count = int(np.prod(shape, dtype=np.int64))
+            bits = np.unpackbits(payload["masks"][n].numpy(), count=count).astype(bool)
+            masks[n] = torch.from_numpy(bits.reshape(shape)).to(map_location)
+        weights = payload["weights"]
+        if weights is not None:
+            weights = {n: w.to(map_location) for n, w in weights.items()}
+        res = cls(method=payload["method"], allocation=payload["allocation"],
+                  target_sparsity=payload["target_sparsity"], hyperparameters=payload["hyperparameters"],
+                  seed=payload["seed"], layers=tuple(payload["layers"]), numel=tuple(payload["numel"]),
+                  pruned=tuple(payload["pruned"]), frobenius=payload["frobenius"],
+                  weight_norms=payload["weight_norms"], model_fingerprint=payload["model_fingerprint"],
+                  weights=weights, library_version=payload.get("library_version"), _masks=masks)
+        if model is not None:
+            res.check_model(model)
+        return res
+
+    def check_model(self, model, *, weights: bool = True) -> None:
+        """Raise ``ValueError`` unless ``model`` is the model this result was computed on: every masked weight must
+        exist with the mask's shape (the first mismatch is named), and with ``weights=True`` the weights' content
+        fingerprint (:attr:`PruneSession.fingerprint`) must match. ``weights=False`` checks only the layers (e.g.
+        to apply masks found on a pretrained model to the same architecture retrained).
+
+        >>> import torch, prune_lab as pl
+        >>> a, b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+        >>> res = pl.prune(a, "magnitude", 0.5)
+        >>> res.check_model(a); res.check_model(b, weights=False)
+        >>> res.check_model(b)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: this result was computed on a model with other weights (fingerprint ...); ...
+        """
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        params = dict(model.named_parameters())
+        for n in self.layers:
+            if n not in params:
+                raise ValueError(f"this result does not fit the model {type(model).__name__}: it has no "
+                                 f"parameter {n!r} (the result's layers: {', '.join(self.layers[:5])}"
+                                 f"{', …' if len(self.layers) > 5 else ''}).")
+            want = tuple(self.masks[n].shape)
+            if tuple(params[n].shape) != want:
+                raise ValueError(f"this result does not fit the model {type(model).__name__}: {n!r} has shape "
+                                 f"{tuple(params[n].shape)}, the result's mask {want}.")
+        if weights and self.model_fingerprint:
+            from .session import PruneSession
+
+            fp = PruneSession(model, device="cpu").fingerprint
+            if fp != self.model_fingerprint:
+                raise ValueError(f"this result was computed on a model with other weights (fingerprint "
+                                 f"{self.model_fingerprint[:12]}…, this model {fp[:12]}…); its masks may not "
+                                 f"suit these weights. Use check_model(model, weights=False) to check only the "
+                                 f"layers.")

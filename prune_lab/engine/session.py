@@ -6,12 +6,15 @@ A session keeps, per (method, hyperparameters, seed, starting masks, weights fin
 come without building masks or sorting again. Sparsity-dependent methods cache their masks per sparsity.
 
 The user's model is never changed: weights are read (detached), never written. When the model's weights change
-after the session was made (training, loading a checkpoint), the next call notices (tensor version counters), takes
-a new fingerprint and scores again.
+after the session was made (training, loading a checkpoint), the next call notices (tensor version counters, plus a
+fixed sample of 64 entries per weight for changes made through ``.data``, which skip the counters), takes a new
+fingerprint and scores again. A change through ``.data`` of only a few entries can escape the sample: call
+:meth:`PruneSession.clear_cache` after such edits.
 """
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.allocation import AllocationContext, allocate, get_allocation
+from ..core.device import resolve_device
 from ..core.graph import build_graph, bn_scales
 from ..core.ranking import Ranking
 from ..core.validation import check_sparsity
@@ -27,17 +31,7 @@ from ..methods.registry import MethodSpec, ScoreContext, get_method, get_updater
 from .result import PruneResult
 
 
-def resolve_device(device="auto") -> torch.device:
-    """``"auto"`` → CUDA when present, else CPU; anything else through ``torch.device`` (with a clear error)."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'.")
-    return dev
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -60,6 +54,15 @@ class PruneSession:
     >>> s = pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
     >>> [round(s.prune("lamp", x).sparsity, 3) for x in (0.5, 0.9)]
     [0.5, 0.9]
+
+    Memory: the session keeps at most ``max_cached`` rankings (one per method × hyperparameters × seed × starting
+    masks, 12 bytes per prunable weight each, see :mod:`prune_lab.core.ranking`) and at most ``max_cached`` mask
+    sets of sparsity-dependent methods, each cache evicting its least recently used entry first. Set
+    ``session.max_cached`` (class default 32) lower for big models; :meth:`cache_nbytes` tells what is held and
+    :meth:`clear_cache` frees it. :meth:`save_cache` / :meth:`load_cache` keep the rankings across restarts.
+
+    Tied (shared) weights are pruned once, under the first name ``named_parameters()`` gives; the other names are
+    listed in ``session.tied_weights`` (and a warning says so).
     """
 
     max_cached = 32
@@ -79,6 +82,16 @@ class PruneSession:
                              f"'weight' of nn.Linear and nn.Conv1d/2d/3d layers.")
         params = dict(model.named_parameters())
         self._params = {n: params[n] for n in self.graph.layers}
+        for n, p in self._params.items():
+            if p.device.type == "meta":
+                raise ValueError(f"weight {n!r} is on the 'meta' device (a placeholder without values); load or "
+                                 f"materialise the model's weights first (e.g. model.to_empty(device='cpu') and "
+                                 f"load_state_dict).")
+        self.tied_weights = self._find_tied(model)
+        if self.tied_weights:
+            shared = "; ".join(f"{n!r} also as {', '.join(map(repr, o))}" for n, o in self.tied_weights.items())
+            warnings.warn(f"tied (shared) weights are pruned once, under their first name: {shared}.",
+                          UserWarning, stacklevel=3)
         modules = dict(model.named_modules())
         self._bn = {n: modules[n] for n in self.graph.bn_modules}
         self._shapes = tuple(tuple(self._params[n].shape) for n in self.layer_names)
@@ -87,15 +100,59 @@ class PruneSession:
         self._rankings: OrderedDict = OrderedDict()
         self._masks: OrderedDict = OrderedDict()
         self._scratch: dict = {}  # methods' expensive intermediates for the current weights (ScoreContext.cache)
+        self._sample_indices: dict = {}  # see _token
+
+    def _find_tied(self, model: nn.Module) -> dict:
+        """``{prunable name: [other names of the same Parameter]}`` for weights shared by several modules."""
+        first: dict = {}
+        others: dict = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                others.setdefault(first[id(p)], []).append(name)
+            else:
+                first[id(p)] = name
+        return {n: others[n] for n in self.layer_names if n in others}
 
     # ------------------------------------------------------------------------------------------------------------
     # weights and fingerprint
     # ------------------------------------------------------------------------------------------------------------
+    _SAMPLE = 64  # entries per tensor compared on every call (changes through ``.data`` skip version counters)
+
     def _token(self) -> tuple:
         tensors = list(self._params.values())
         for bn in self._bn.values():
             tensors += [t for t in (bn.weight, bn.running_var) if t is not None]
-        return tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors)
+        # Version counters see in-place changes and load_state_dict; ``p.data.mul_(…)`` / ``p.data.copy_(…)`` do
+        # not bump them, so a fixed sample of each weight's entries is compared too (a few µs per weight).
+        parts, on_device = [], []
+        for i, t in enumerate(self._params.values()):  # the Linear/Conv weights (BatchNorm: counters only)
+            t = t.detach()
+            n = t.numel()
+            if not n:
+                continue
+            if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS and t.is_contiguous():  # numpy views: ~µs
+                parts.append(t.numpy().reshape(-1)[:: max(1, n // self._SAMPLE)][: self._SAMPLE].astype(np.float64))
+            elif t.is_contiguous():
+                on_device.append(t.view(-1)[:: max(1, n // self._SAMPLE)][: self._SAMPLE].to(torch.float64))
+            else:
+                on_device.append(t[self._sample_index(i, t)].reshape(-1).to(torch.float64))
+        if on_device:  # one transfer for every tensor off the CPU
+            parts.append(torch.cat(on_device).cpu().numpy())
+        sample = np.concatenate(parts).tobytes() if parts else b""
+        return tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors) + (sample,)
+
+    def _sample_index(self, i: int, t: torch.Tensor) -> tuple:
+        """Index tensors of the fixed sample of a non-contiguous weight (e.g. channels-last), per device."""
+        cache = self._sample_indices
+        key = (i, tuple(t.shape), str(t.device))
+        idx = cache.get(key)
+        if idx is None:
+            n = t.numel()
+            flat = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, self._SAMPLE)).round().astype(np.int64))
+            idx = tuple(torch.as_tensor(a, device=t.device) for a in np.unravel_index(flat, tuple(t.shape))) \
+                if n else (torch.zeros(0, dtype=torch.long, device=t.device),) * t.dim()
+            cache[key] = idx
+        return idx
 
     def _snapshot(self) -> _State:
         token = self._token()
@@ -243,8 +300,25 @@ class PruneSession:
         return n
 
     def clear_cache(self):
+        """Drop every cached ranking and mask set and the weights' fingerprint (the next call takes a new one and
+        scores again): after editing a few weights through ``.data``, which the session's checks may miss."""
         self._rankings.clear()
         self._masks.clear()
+        self._state = None
+
+    def save_cache(self, path) -> int:
+        """Write the cached rankings to ``path`` (see :func:`prune_lab.engine.persist.save_cache`); returns how
+        many were written."""
+        from .persist import save_cache
+
+        return save_cache(self, path)
+
+    def load_cache(self, path) -> int:
+        """Load rankings written by :meth:`save_cache`; entries computed on other weights are skipped. Returns how
+        many were loaded."""
+        from .persist import load_cache
+
+        return load_cache(self, path)
 
     # ------------------------------------------------------------------------------------------------------------
     # pruning
@@ -280,7 +354,7 @@ class PruneSession:
                     f"sparsity {s:g} with allocation {alloc!r} would prune {counts[short[0]]} weights of {n!r}, "
                     f"but the starting masks already prune {already[short[0]]} there; ask for a higher sparsity.")
         state = self._snapshot()
-        device = self._params[self.layer_names[0]].device
+        devices = {n: self._params[n].device for n in self.layer_names}  # masks go where each weight lives
         common = dict(method=spec.name, allocation=alloc, target_sparsity=s, hyperparameters=asdict(hpo),
                       seed=int(seed) if spec.stochastic else None, layers=tuple(self.layer_names),
                       numel=tuple(int(x) for x in ranking.sizes), pruned=tuple(int(c) for c in counts),
@@ -288,7 +362,10 @@ class PruneSession:
         norms = dict(zip(self.layer_names, ranking.weight_norms().tolist()))
         updater = self._updater(update)
         if spec.sparsity_dependent or updater is not None:
-            key = self._key(spec, hpo, seed, start_key, state) + (alloc, tuple(common["pruned"]), updater)
+            # keyed by the method's name too: methods sharing a score function (lap, lap_forward, lap_backward)
+            # share a ranking but never their masks
+            key = (spec.name,) + self._key(spec, hpo, seed, start_key, state) + (alloc, tuple(common["pruned"]),
+                                                                               updater)
             built = self._masks.get(key)
             if built is None:
                 ctx_s = self._context(state, seed, start)
@@ -304,6 +381,7 @@ class PruneSession:
                 built = (built, new_weights)
                 self._remember(self._masks, key, built)
             kept, new_weights = built
+            common["pruned"] = tuple(int((~kept[n]).sum()) for n in self.layer_names)  # what the masks really prune
             frob = {}
             for n in self.layer_names:
                 w = state.weights[n].float()
@@ -312,12 +390,12 @@ class PruneSession:
             if new_weights is not None:
                 common["hyperparameters"] = {**common["hyperparameters"], "update": update}
             return PruneResult(**common, frobenius=frob, weight_norms=norms,
-                               _masks={n: m.to(device) for n, m in kept.items()},
+                               _masks={n: m.to(devices[n]) for n, m in kept.items()},
                                weights=None if new_weights is None else
-                               {n: (new_weights[n] * kept[n]).to(device) for n in self.layer_names})
+                               {n: (new_weights[n] * kept[n]).to(devices[n]) for n in self.layer_names})
         frob = dict(zip(self.layer_names, ranking.frobenius(counts).tolist()))
         return PruneResult(**common, frobenius=frob, weight_norms=norms,
-                           _mask_builder=lambda: ranking.masks(counts, device=device))
+                           _mask_builder=lambda: {n: m.to(devices[n]) for n, m in ranking.masks(counts).items()})
 
     def _updater(self, update):
         if update is False or update is None:
@@ -332,12 +410,13 @@ class PruneSession:
         return fn
 
     def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
-        """``{"accuracy", "loss"}`` of the model with ``result``'s masks (dense when ``None``) on held-out data.
-        The model is not modified: masked weights go through ``torch.func.functional_call``."""
+        """``{"accuracy", "loss"}`` of the model with ``result``'s masks and updated weights, if any (dense when
+        ``None``) on held-out data. The model is not modified: pruned weights go through ``functional_call``."""
         from ..training import evaluate
 
         data = data if data is not None else self.data
         if data is None:
             raise ValueError("evaluate needs data: pass data=... here or when creating the session.")
-        masks = None if result is None else result.masks
-        return evaluate(self.model, data, masks=masks, **kw)
+        if result is None:
+            return evaluate(self.model, data, **kw)
+        return evaluate(self.model, data, masks=result.masks, weights=result.weights, **kw)

@@ -11,6 +11,7 @@ from .registry import ModelInfo, create, create_for, list_models, model_info, re
 from .mlp import MLP, ffnn, fcn, lenet_300_100, mlpnet
 from .conv import VGG, Conv6, conv6, vgg16_cifar
 from .resnet import BasicBlock, CifarResNet, PadShortcut, resnet18_cifar, resnet20_cifar
+from . import stable  # noqa: F401,E402  (registers the Stable ResNet variants)
 
 __all__ = [
     "ModelInfo", "create", "create_for", "list_models", "model_info", "register_model", "shape_kwargs",

@@ -25,9 +25,9 @@ _FORMAT = "prune_lab.checkpoint/1"
 
 #: Training settings used by :func:`pretrained` per (model, dataset name); measured on a 2-core CPU.
 RECIPES: dict[tuple[str, str], dict] = {
-    # digits: 1,347 train images; ~97 % test accuracy in a few seconds
-    ("mlpnet", "digits"): {"epochs": 60, "optimizer": "adam", "lr": 3e-3, "batch_size": 64},
-    # MNIST (full 60k, or the 8,000-image split of the t10k files); ~94 % on the t10k split in a few seconds
+    # digits: 1,347 train images, 880 steps; 96.9-98.0 % test accuracy over seeds 0-4, ~1 s on an idle 2-core CPU
+    ("mlpnet", "digits"): {"epochs": 40, "optimizer": "adam", "lr": 3e-3, "batch_size": 64},
+    # MNIST (full 60k, or the 8,000-image split of the t10k files): 94.05-94.2 % on the t10k split (seeds 0-2)
     ("mlpnet", "mnist"): {"epochs": 20, "optimizer": "adam", "lr": 1e-3, "batch_size": 64},
     # LAP, Table 1: Adam lr 1.2e-3, batch 60, 50k steps (minutes on a CPU)
     ("fcn", "mnist"): {"steps": 50_000, "optimizer": "adam", "lr": 1.2e-3, "batch_size": 60},

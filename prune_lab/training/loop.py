@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..data import iter_batches
+from ..core.device import resolve_device
+from ..data import iter_batches, resolve_dataset
 
 __all__ = ["OPTIMIZERS", "resolve_device", "check_masks", "train", "evaluate", "recalibrate_bn"]
 
@@ -24,17 +25,6 @@ OPTIMIZERS: dict[str, tuple[type, float, dict]] = {
     "sgd": (torch.optim.SGD, 1e-2, {"momentum": 0.9}),
 }
 DEFAULT_BATCH_SIZE = 128
-
-
-def resolve_device(device="auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else goes through ``torch.device``.
-
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -160,9 +150,10 @@ def train(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
+    masks = check_masks(model, masks)  # validate before touching the model
     dev = resolve_device(device)
     model.to(dev)
-    masks = check_masks(model, masks, device=dev)
+    masks = {name: mask.to(dev) for name, mask in masks.items()}
     params = dict(model.named_parameters())
     masked = [(params[name], ~mask) for name, mask in masks.items()]  # (parameter, pruned positions)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -174,8 +165,6 @@ def train(
     total = steps if steps is not None else None
     if total is None:
         try:
-            from ..data import resolve_dataset
-
             ds = resolve_dataset(data, split="train")
             n_batches = len(ds) if isinstance(ds, torch.utils.data.DataLoader) else -(-len(ds) // batch_size)
             total = epochs * n_batches
@@ -187,7 +176,7 @@ def train(
     fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     modes = _save_modes(model)
     step = 0
-    bar = tqdm(total=total, disable=not progress, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total, disable=not progress, desc="train", unit="step")
     try:
         with torch.random.fork_rng(devices=fork_devices):
             torch.random.default_generator.manual_seed(int(seed))
@@ -205,7 +194,7 @@ def train(
                     x = x.to(dev, non_blocking=True)
                     y = y.to(dev, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(x), y)
+                    loss = F.cross_entropy(_run(model, {}, x, first=step == 0 and seen == 1), y)
                     loss.backward()
                     for p, pruned in masked:
                         if p.grad is not None:
@@ -236,25 +225,54 @@ def train(
     return model
 
 
-def _overrides(model: nn.Module, masks: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
-    """Tensors to pass to ``functional_call``: masked weights, and every tensor when the model is elsewhere."""
+def _check_runnable(model: nn.Module) -> None:
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            if t.device.type == "meta":
+                raise ValueError(f"model: {kind} {n!r} is on the 'meta' device (a placeholder without values); "
+                                 f"materialise and load the weights first.")
+
+
+def _overrides(model: nn.Module, masks: dict[str, torch.Tensor], dev: torch.device,
+               weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors to pass to ``functional_call``: masked (or updated) weights, and every tensor not on ``dev``."""
     out: dict[str, torch.Tensor] = {}
-    if _model_device(model) != dev:
-        out.update({n: t.to(dev) for n, t in model.named_parameters()})
-        out.update({n: t.to(dev) for n, t in model.named_buffers()})
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device != dev:
+            out[n] = t.to(dev)
     params = dict(model.named_parameters())
+    for name, w in (weights or {}).items():
+        if name not in params or tuple(w.shape) != tuple(params[name].shape):
+            raise ValueError(f"weights: {name!r} does not fit the model (unknown name or shape "
+                             f"{tuple(w.shape)}).")
+        out[name] = w.detach().to(dev, params[name].dtype)
     for name, mask in masks.items():
         out[name] = out.get(name, params[name]).masked_fill(~mask, 0.0)
     return out
 
 
-def evaluate(model: nn.Module, data, *, masks=None, device="auto", batch_size: int = 512) -> dict[str, float]:
+def _run(model: nn.Module, overrides: dict, x: torch.Tensor, first: bool) -> torch.Tensor:
+    """One forward pass; the first one turns a shape mismatch into a clear error about the data."""
+    if first and not x.is_floating_point():
+        raise TypeError(f"data: inputs must be floating point, got dtype {x.dtype}.")
+    try:
+        return functional_call(model, overrides, (x,)) if overrides else model(x)
+    except RuntimeError as exc:
+        if not first or isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        raise ValueError(f"data: the model could not run on inputs of shape {tuple(x.shape)} and dtype "
+                         f"{x.dtype}: {exc}") from exc
+
+
+def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto", batch_size: int = 512
+             ) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on the test split of ``data`` (or the given dataset / loader /
     ``(inputs, targets)`` tuple), in eval mode and without gradients.
 
     The model is neither modified nor copied: masked weights are applied through
     ``torch.func.functional_call(model, {name: w * m, ...}, x)``, and every submodule's train/eval mode is restored.
-    ``device="auto"`` evaluates where the model lives; another device runs on copies of the tensors.
+    ``weights``: ``{name: Tensor}`` replacing those weights (a method's updated kept weights), masked too when
+    ``masks`` are given. ``device="auto"`` evaluates where the model lives; another device runs on copies.
 
     Returns:
         ``{"accuracy": float in [0, 1], "loss": float}``.
@@ -265,9 +283,10 @@ def evaluate(model: nn.Module, data, *, masks=None, device="auto", batch_size: i
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dev = _model_device(model) if (device is None or device == "auto") else torch.device(device)
+    _check_runnable(model)
+    dev = _model_device(model) if (device is None or device == "auto") else resolve_device(device)
     masks = check_masks(model, masks, device=dev)
-    overrides = _overrides(model, masks, dev)
+    overrides = _overrides(model, masks, dev, weights)
     modes = _save_modes(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -277,7 +296,7 @@ def evaluate(model: nn.Module, data, *, masks=None, device="auto", batch_size: i
         with torch.no_grad():
             for x, y in iter_batches(data, split="test", batch_size=batch_size):
                 x, y = x.to(dev), y.to(dev)
-                out = functional_call(model, overrides, (x,)) if overrides else model(x)
+                out = _run(model, overrides, x, first=n == 0)
                 loss_sum += F.cross_entropy(out, y, reduction="sum").double()
                 correct += (out.argmax(dim=1) == y).sum()
                 n += int(y.shape[0])

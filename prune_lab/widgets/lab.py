@@ -202,6 +202,26 @@ class PruneLab:
 
     def _hp_control(self, method, name, value, meta):
         desc = f"{method}.{name}"
+        if value is None or isinstance(value, (tuple, list)):  # e.g. an input shape: typed as a Python literal
+            w = widgets.Text(value="" if value is None else repr(tuple(value)), description=desc,
+                             placeholder="e.g. (1, 28, 28)")
+            w.tooltip = meta.get("help", "")
+            w.layout = widgets.Layout(width="320px")
+            w.style = {"description_width": "150px"}
+
+            def typed(change, m=method, n=name):
+                import ast
+
+                text = change["new"].strip()
+                try:
+                    self.hyperparameters[m][n] = ast.literal_eval(text) if text else None
+                except (ValueError, SyntaxError):
+                    self.state.error = f"{m}.{n}: {text!r} is not a Python literal such as (1, 28, 28)"
+                    return
+                self._on_fast_change(None)
+
+            w.observe(typed, names="value")
+            return w
         if meta.get("choices"):
             w = widgets.Dropdown(options=list(meta["choices"]), value=value, description=desc)
         elif isinstance(value, bool):

@@ -12,6 +12,14 @@ from prune_lab.engine import iterative  # noqa: E402
 from prune_lab.engine.iterative import iterative_prune, schedule  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_only():
+    """Bit-exact comparisons below are CPU checks: make device="auto" resolve to the CPU even with a GPU."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def digits():
     return data.digits()

@@ -125,11 +125,15 @@ def test_starting_masks_nest_and_validate(mlp):
 
 @given(st.sampled_from(pl.list_methods()), st.floats(0, 0.99), st.sampled_from(pl.list_allocations()[:3]))
 def test_model_unchanged_bit_for_bit(method, s, allocation):
+    from tests.methods.test_registry import fast_hp
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
     model.train()
     before = state_copy(model)
-    res = pl.prune(model, method, s, allocation=allocation, device="cpu")
+    spec = pl.get_method(method)
+    data = pl.data.synthetic(n_train=32, n_test=8, input_shape=(6,), num_classes=3) if "data" in spec.needs else None
+    res = pl.prune(model, method, s, allocation=allocation, device="cpu", data=data, **fast_hp(spec, (6,)))
     _ = res.masks
     assert_state_equal(model, before)
     assert model.training
@@ -150,9 +154,12 @@ def test_torchvision_models_every_method_and_allocation(arch):
     before = state_copy(model)
     session = pl.PruneSession(model, device="cpu")
     assert session.graph.exact
-    for method in pl.list_methods():
+    # data-free methods: a full empirical Fisher of ResNet-18 would not fit in memory (second-order methods are
+    # tested on small models; obs_layerwise is the variant for big ones)
+    for method in [m for m in pl.list_methods() if "data" not in pl.get_method(m).needs]:
         for allocation in pl.list_allocations():
-            res = session.prune(method, 0.7, allocation=allocation)
+            hp = {"rounds": 3, "input_shape": (3, 64, 64)} if method == "synflow" else {}
+            res = session.prune(method, 0.7, allocation=allocation, **hp)
             assert sum(res.pruned) > 0
             assert abs(res.sparsity - 0.7) < 0.01
         assert len(res.masks) == len(session.layer_names)
@@ -184,3 +191,13 @@ def test_weight_update_plumbing(mlp):
             session.prune("magnitude", 0.5, update="nope")
     finally:
         del registry._UPDATERS["_double"]
+
+
+def test_sequential_variants_never_share_cached_masks(convnet):
+    """lap, lap_forward and lap_backward share one score function (and ranking) but not their masks."""
+    session = pl.PruneSession(convnet, device="cpu")
+    fwd = session.prune("lap_forward", 0.8)
+    bwd = session.prune("lap_backward", 0.8)
+    fresh = pl.PruneSession(convnet, device="cpu").prune("lap_backward", 0.8)
+    assert all(torch.equal(bwd.masks[n], fresh.masks[n]) for n in bwd.masks)
+    assert any(not torch.equal(fwd.masks[n], bwd.masks[n]) for n in fwd.masks)

@@ -13,6 +13,20 @@ from tests.conftest import SmallConvNet, assert_state_equal, randomize_bn, state
 
 METHODS = pl.list_methods()
 ALLOCATIONS = pl.list_allocations()
+# Methods that need data get a small batch source; expensive ones get cheap settings (the contract is about
+# shapes, counts and nesting, not about quality).
+CHEAP = {"n_samples": 32, "max_swaps": 20, "trials": 2, "rounds": 5, "samples": 32}
+
+
+def data_for(spec, input_shape=(1, 8, 8), num_classes=3):
+    if "data" not in spec.needs:
+        return None
+    return pl.data.synthetic(n_train=64, n_test=16, input_shape=input_shape, num_classes=num_classes)
+
+
+def fast_hp(spec, input_shape=(1, 8, 8)) -> dict:
+    names = {f for f, _, _ in spec.hyperparameter_fields()}
+    return {k: v for k, v in {**CHEAP, "input_shape": input_shape}.items() if k in names}
 
 
 def test_expected_methods_are_registered():
@@ -62,7 +76,7 @@ def test_hyperparameter_validation():
 
 def models():
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
     return {"mlp": mlp, "conv": randomize_bn(SmallConvNet().eval())}
 
 
@@ -73,10 +87,10 @@ def test_contract_every_method_and_allocation(method, allocation, model_name):
     model = models()[model_name]
     before = state_copy(model)
     spec = pl.get_method(method)
-    session = pl.PruneSession(model, device="cpu")
+    session = pl.PruneSession(model, data_for(spec), device="cpu")
     prev = None
     for s in (0.0, 0.5, 0.8):
-        res = session.prune(method, s, allocation=allocation)
+        res = session.prune(method, s, allocation=allocation, **fast_hp(spec))
         params = pl.prunable_parameters(model)
         assert list(res.masks) == list(params)
         for n, m in res.masks.items():
@@ -97,13 +111,16 @@ def test_contract_every_method_and_allocation(method, allocation, model_name):
 @pytest.mark.parametrize("method", METHODS)
 def test_contract_deterministic_and_same_as_one_shot(method):
     model = models()["conv"]
-    a = pl.prune(model, method, 0.6, seed=3, device="cpu")
-    b = pl.PruneSession(model, device="cpu").prune(method, 0.6, seed=3)
+    spec = pl.get_method(method)
+    data = data_for(spec)
+    a = pl.prune(model, method, 0.6, seed=3, device="cpu", data=data, **fast_hp(spec))
+    b = pl.PruneSession(model, data, device="cpu").prune(method, 0.6, seed=3, **fast_hp(spec))
     assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
     assert a.frobenius == pytest.approx(b.frobenius)
 
 
-@given(st.sampled_from([m for m in METHODS if not pl.get_method(m).sparsity_dependent]),
+@given(st.sampled_from([m for m in METHODS if not pl.get_method(m).sparsity_dependent
+                        and "data" not in pl.get_method(m).needs]),
        st.floats(0, 0.99), st.floats(0, 0.99), st.sampled_from(ALLOCATIONS[:3]))
 def test_threshold_separation_and_nesting_property(method, s1, s2, allocation):
     model = models()["mlp"]

@@ -78,7 +78,7 @@ def test_evaluate_on_another_device_string_does_not_move_the_model(bundle):
 
 def test_evaluate_restores_modes_after_an_error():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).train()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"data: the model could not run on inputs of shape \(2, 5\)"):
         evaluate(net, (torch.zeros(2, 5), torch.zeros(2, dtype=torch.long)))  # wrong input width
     assert net.training and net[1].training
 
@@ -113,3 +113,18 @@ def test_recalibrate_bn_applies_masks_and_inplace(bundle):
     assert net[1].running_mean[2].item() == pytest.approx(net[0].bias[2].item(), abs=1e-6)
     assert net[1].running_var[2].item() == pytest.approx(0.0, abs=1e-10)
     assert net[0].weight[2].abs().sum() > 0  # the weights were not zeroed
+
+
+def test_evaluate_with_updated_weights_equals_a_modified_copy():
+    import copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    data = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    mask = {"1.weight": torch.rand(3, 4) > 0.5}
+    new = {"1.weight": torch.randn(3, 4)}
+    copy_ = copy.deepcopy(net)
+    with torch.no_grad():
+        copy_[1].weight.copy_(new["1.weight"] * mask["1.weight"])
+    assert evaluate(net, data, masks=mask, weights=new) == evaluate(copy_, data)
+    assert evaluate(net, data) != evaluate(copy_, data)

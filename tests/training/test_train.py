@@ -1,6 +1,7 @@
 """train(): accuracy on real digits, exact mask enforcement under every optimizer, determinism, argument checks."""
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,16 @@ def test_conv_models_train_on_synthetic_32x32(name):
     masks[key] = torch.rand(dict(net.named_parameters())[key].shape, generator=torch.Generator().manual_seed(0)) < 0.5
     train(net, bundle, steps=2, batch_size=8, masks=masks, progress=False)
     assert int((dict(net.named_parameters())[key][~masks[key]] != 0).sum()) == 0
+
+
+SHARED_T10K = Path(__file__).parents[2].parent / "shared/data/mnist-t10k"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_T10K.is_dir(), reason=f"shared MNIST test files not found at {SHARED_T10K}")
+def test_mlpnet_on_the_mnist_t10k_split_reaches_92_percent():
+    with pytest.warns(UserWarning, match="split"):
+        bundle = data.mnist(SHARED_T10K, download=False)
+    # a short run (500 steps) to keep CI fast; recipe("mlpnet", "mnist") (2,500 steps) reaches ~94 %
+    net = train(models.create("mlpnet", seed=0), bundle, epochs=4, lr=3e-3, batch_size=128, progress=False)
+    assert evaluate(net, bundle)["accuracy"] >= 0.92

@@ -1,0 +1,120 @@
+"""Save a session's cached rankings to a file and load them back, so that a notebook re-opened on the same model
+prunes at once instead of scoring again.
+
+What is saved: every cached :class:`~prune_lab.core.ranking.Ranking` (per layer: the pruning order, the cumulative
+``w²`` and the sorted score keys; tensors shared between rankings, as LAMP's and magnitude's, are stored once),
+keyed by method name, hyperparameters, seed, starting masks and the weights' fingerprint. Loading keeps only the
+entries whose fingerprint and layers match the session's current model: a cache saved before the weights changed is
+never used (stale entries are counted and skipped, not trusted). Cached masks of sparsity-dependent methods are not
+saved (they are recomputed on demand).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..core.ranking import LayerRank, Ranking
+from ..methods.registry import get_method, list_methods
+from .result import plain
+
+FORMAT = "prune_lab.SessionCache"
+FORMAT_VERSION = 1
+
+__all__ = ["load_cache", "save_cache"]
+
+
+def _method_of(scores_fn) -> str | None:
+    """The first registered method whose score function is ``scores_fn`` (rankings are keyed by the function)."""
+    for name in list_methods():
+        if get_method(name).scores is scores_fn:
+            return name
+    return None
+
+
+def save_cache(session, path) -> int:
+    """Write ``session``'s cached rankings to ``path``; returns how many were written.
+
+    >>> import os, tempfile, torch, prune_lab as pl
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> s = pl.PruneSession(net, device="cpu"); _ = s.prune("lap", 0.5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "cache.pt")
+    >>> save_cache(s, path), load_cache(pl.PruneSession(net, device="cpu"), path)
+    (1, 1)
+    """
+    from .._version import __version__
+
+    entries = []
+    for key, ranking in session._rankings.items():
+        scores_fn, hp, seed, start_key, fingerprint = key
+        method = _method_of(scores_fn)
+        if method is None:  # a method registered and removed since: nothing to key it by
+            continue
+        hp = plain(list(hp))
+        if hp != list(key[1]):  # a hyperparameter value that would not read back equal (an arbitrary object)
+            continue
+        layers = {}
+        for n in ranking.names:
+            lr = ranking.layers[n]
+            layers[n] = {"order": lr.order.detach().cpu(), "csum": lr.csum.detach().cpu(),
+                         "keys": torch.from_numpy(lr.keys), "shape": tuple(lr.shape)}
+        entries.append({"method": method, "hyperparameters": list(hp), "seed": seed, "start_key": start_key,
+                        "fingerprint": fingerprint, "names": list(ranking.names), "layers": layers})
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+               "layer_names": list(session.layer_names), "entries": entries}
+    torch.save(payload, os.fspath(path))
+    return len(entries)
+
+
+def load_cache(session, path) -> int:
+    """Load rankings saved by :func:`save_cache` into ``session``; returns how many were loaded. Entries computed on
+    other weights (fingerprint), on other layers or for methods no longer registered are skipped. At most
+    ``session.max_cached`` entries are kept (the most recently used ones win, as always).
+
+    >>> import os, tempfile, torch, prune_lab as pl
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 2))
+    >>> s = pl.PruneSession(net, device="cpu"); _ = s.prune("magnitude", 0.5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "cache.pt"); _ = save_cache(s, path)
+    >>> with torch.no_grad(): _ = net[0].weight.mul_(2)
+    >>> load_cache(pl.PruneSession(net, device="cpu"), path)   # other weights: nothing stale is trusted
+    0
+    """
+    path = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our file
+        raise ValueError(f"{path!r} is not a saved session cache ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a saved session cache (no {FORMAT!r} header); write one with "
+                         f"save_cache(session, path).")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path!r} uses cache format {payload['format_version']} (prune_lab "
+                         f"{payload.get('library_version')}); this prune_lab reads format {FORMAT_VERSION}.")
+    fingerprint = session.fingerprint
+    device = session.device
+    loaded = 0
+    shared: dict = {}  # id of a saved tensor -> its copy on the session's device (keeps LAMP/magnitude sharing)
+
+    def to_device(t):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in shared:
+            shared[key] = t.to(device)
+        return shared[key]
+
+    for e in payload["entries"]:
+        if e["fingerprint"] != fingerprint or list(e["names"]) != list(session.layer_names):
+            continue
+        if e["method"] not in list_methods():
+            continue
+        spec = get_method(e["method"])
+        layers = {}
+        for n in e["names"]:
+            d = e["layers"][n]
+            layers[n] = LayerRank(to_device(d["order"]), to_device(d["csum"]), d["keys"].numpy(), tuple(d["shape"]))
+        key = (spec.scores, tuple(tuple(item) for item in e["hyperparameters"]), e["seed"], e["start_key"],
+               e["fingerprint"])
+        session._remember(session._rankings, key, Ranking(e["names"], layers))
+        loaded += 1
+    return loaded
