@@ -6,6 +6,7 @@
 """
 from . import analysis, data, export, models, training
 from ._version import __version__
+from .core import pai
 from .core.allocation import list_allocations
 from .core.graph import build_graph, prunable_parameters
 from .analysis import PruneSession
@@ -14,7 +15,7 @@ from .methods import get_method, list_methods
 from .training import evaluate, pretrained, recalibrate_bn, train
 
 __all__ = [
-    "IterativeResult", "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_method",
+    "IterativeResult", "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_method", "pai",
     "list_allocations", "list_methods", "models", "pretrained", "prunable_parameters", "prune", "recalibrate_bn",
     "score", "train", "training",
 ]

@@ -102,6 +102,10 @@ class Ranking:
             layers[n] = LayerRank(lr.order, lr.csum, _keys(v), lr.shape)
         return Ranking(self.names, layers)
 
+    def subset(self, names) -> "Ranking":
+        """The ranking of some layers only (shares their arrays): a global threshold over those layers."""
+        return Ranking(list(names), {n: self.layers[n] for n in names})
+
     # ------------------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held (orders, cumulative sums and keys; shared tensors counted in each ranking)."""

@@ -26,7 +26,7 @@ from ..core.allocation import AllocationContext, allocate, get_allocation
 from ..core.device import resolve_device
 from ..core.graph import build_graph, bn_scales
 from ..core.ranking import Ranking
-from ..core.validation import check_sparsity
+from ..core.validation import check_sparsity, round_half_up
 from ..methods.registry import MethodSpec, ScoreContext, get_method, get_updater, list_updaters
 from .result import PruneResult
 
@@ -324,12 +324,14 @@ class PruneSession:
     # pruning
     # ------------------------------------------------------------------------------------------------------------
     def prune(self, method: str, sparsity: float, *, allocation: str | None = None, seed: int = 0, masks=None,
-              update=False, **hp) -> PruneResult:
+              update=False, overrides: dict | None = None, **hp) -> PruneResult:
         """Prune at ``sparsity`` (fraction removed, in [0, 1)) with ``method`` and ``allocation`` (default: the
         method's paper's allocation). ``masks``: start from these (already-pruned weights stay pruned; the result
         nests inside them). ``update``: ``False``, ``True`` (the first registered weight update) or an update's
-        name: after selection, update the kept weights (``result.weights``). ``hp``: the method's hyperparameters.
-        Repeat calls at other sparsities are lookups.
+        name: after selection, update the kept weights (``result.weights``). ``overrides``: ``{layer: sparsity}``
+        locks those layers at their own sparsity (``0.0`` excludes a layer: it stays dense); the allocation shares
+        the rest of the model's budget among the other layers (``uniform`` keeps them at ``sparsity``).
+        ``hp``: the method's hyperparameters. Repeat calls at other sparsities are lookups.
         """
         spec = get_method(method)
         s = check_sparsity(sparsity)
@@ -339,12 +341,12 @@ class PruneSession:
         start = self._check_masks(masks)
         start_key = self._masks_key(start)
         ranking = self._ranking(spec, hpo, seed, start, start_key)
-        ctx = AllocationContext(
-            names=tuple(self.layer_names), shapes=self._shapes, is_conv=self._is_conv,
-            ranking=lambda: ranking,
-            lamp_ranking=lambda: self._ranking(get_method("lamp"), get_method("lamp").make_hyperparameters(), 0,
-                                               start, start_key))
-        counts = allocate(alloc, s, ctx)
+
+        def lamp_ranking():
+            lamp = get_method("lamp")
+            return self._ranking(lamp, lamp.make_hyperparameters(), 0, start, start_key)
+
+        counts = self._allocate(alloc, s, ranking, lamp_ranking, overrides)
         if start is not None:
             already = np.asarray([int((~start[n]).sum()) for n in self.layer_names])
             short = np.nonzero(counts < already)[0]
@@ -369,6 +371,7 @@ class PruneSession:
             built = self._masks.get(key)
             if built is None:
                 ctx_s = self._context(state, seed, start)
+                ctx_s.allocation = alloc if not overrides else None  # locked layers: follow the counts
                 if spec.sparsity_dependent:
                     built = spec.masks(ctx_s, dict(zip(self.layer_names, counts.tolist())), hpo)
                 else:
@@ -389,13 +392,56 @@ class PruneSession:
                 frob[n] = float((w - after).pow(2).sum().sqrt())
             if new_weights is not None:
                 common["hyperparameters"] = {**common["hyperparameters"], "update": update}
+            if overrides:
+                common["hyperparameters"] = {**common["hyperparameters"], "overrides": dict(overrides)}
             return PruneResult(**common, frobenius=frob, weight_norms=norms,
                                _masks={n: m.to(devices[n]) for n, m in kept.items()},
                                weights=None if new_weights is None else
                                {n: (new_weights[n] * kept[n]).to(devices[n]) for n in self.layer_names})
+        if overrides:
+            common["hyperparameters"] = {**common["hyperparameters"], "overrides": dict(overrides)}
         frob = dict(zip(self.layer_names, ranking.frobenius(counts).tolist()))
         return PruneResult(**common, frobenius=frob, weight_norms=norms,
                            _mask_builder=lambda: {n: m.to(devices[n]) for n, m in ranking.masks(counts).items()})
+
+    def _allocate(self, alloc: str, s: float, ranking: Ranking, lamp_ranking, overrides) -> np.ndarray:
+        """Per-layer pruned counts; with ``overrides``, locked layers first and the allocation over the others."""
+        names = self.layer_names
+        if not overrides:
+            ctx = AllocationContext(names=tuple(names), shapes=self._shapes, is_conv=self._is_conv,
+                                    ranking=lambda: ranking, lamp_ranking=lamp_ranking)
+            return allocate(alloc, s, ctx)
+        if not isinstance(overrides, dict):
+            raise TypeError(f"overrides must be a dict {{layer: sparsity}}, got {type(overrides).__name__}.")
+        for n in overrides:
+            if n not in names:
+                raise ValueError(f"overrides: {n!r} is not a prunable layer of this model; valid layers: "
+                                 f"{', '.join(map(repr, names[:8]))}{', …' if len(names) > 8 else ''}.")
+        sizes = np.asarray([int(np.prod(sh)) for sh in self._shapes], dtype=np.int64)
+        counts = np.zeros(len(names), dtype=np.int64)
+        free = [i for i, n in enumerate(names) if n not in overrides]
+        for i, n in enumerate(names):
+            if n in overrides:
+                counts[i] = round_half_up(check_sparsity(overrides[n], what=f"overrides[{n!r}]") * sizes[i])
+        if not free:
+            return counts
+        if alloc == "uniform":
+            budget_s = s
+        else:
+            left = round_half_up(s * int(sizes.sum())) - int(counts.sum())
+            n_free = int(sizes[free].sum())
+            if left < 0 or left >= n_free:
+                raise ValueError(
+                    f"overrides leave {left} of the budget's weights to prune in layers holding {n_free}: "
+                    f"sparsity {s:g} cannot be met with these locked layers; change the sparsity or the overrides.")
+            budget_s = left / n_free
+        sub = [names[i] for i in free]
+        ctx = AllocationContext(
+            names=tuple(sub), shapes=tuple(self._shapes[i] for i in free),
+            is_conv=tuple(self._is_conv[i] for i in free),
+            ranking=lambda: ranking.subset(sub), lamp_ranking=lambda: lamp_ranking().subset(sub))
+        counts[free] = allocate(alloc, budget_s, ctx)
+        return counts
 
     def _updater(self, update):
         if update is False or update is None:

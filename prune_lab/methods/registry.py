@@ -35,6 +35,7 @@ class ScoreContext:
     start_masks: dict | None = None
     fingerprint: str = ""
     cache: dict = field(default_factory=dict)
+    allocation: str | None = None  # the allocation in force (sparsity-dependent methods may prune globally)
 
 
 def hparam(default, *, low=None, high=None, choices=None, log=False, help=""):

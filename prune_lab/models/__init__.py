@@ -11,10 +11,11 @@ from .registry import ModelInfo, create, create_for, list_models, model_info, re
 from .mlp import MLP, ffnn, fcn, lenet_300_100, mlpnet
 from .conv import VGG, Conv6, conv6, vgg16_cifar
 from .resnet import BasicBlock, CifarResNet, PadShortcut, resnet18_cifar, resnet20_cifar
-from . import stable  # noqa: F401,E402  (registers the Stable ResNet variants)
+from .stable import StableBlock, StableResNet, plain_resnet, stable_resnet
 
 __all__ = [
     "ModelInfo", "create", "create_for", "list_models", "model_info", "register_model", "shape_kwargs",
     "MLP", "Conv6", "VGG", "CifarResNet", "BasicBlock", "PadShortcut",
     "mlpnet", "fcn", "lenet_300_100", "ffnn", "conv6", "vgg16_cifar", "resnet20_cifar", "resnet18_cifar",
+    "StableBlock", "StableResNet", "plain_resnet", "stable_resnet",
 ]

@@ -17,7 +17,7 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import traitlets
-from traitlets import Bool, Float, HasTraits, Tuple, Unicode
+from traitlets import Bool, Dict, Float, HasTraits, Tuple, Unicode
 
 from .. import __version__
 from ..core.allocation import get_allocation, list_allocations
@@ -36,6 +36,7 @@ class LabState(HasTraits):
     allocation = Unicode(PAPER_DEFAULT)
     evaluate = Bool(True)
     log_remaining = Bool(False)
+    overrides = Dict()  # {layer: sparsity}: locked layers (0.0 = excluded, dense)
     busy = Bool(False)
     error = Unicode("")
     status = Unicode("")
@@ -120,7 +121,9 @@ class PruneLab:
         self._timer = None
         self._live = {"sparsity": LiveRenderer(), "distortion": LiveRenderer()}
         self._build()
-        self.state.observe(self._on_fast_change, names=["sparsity", "methods", "allocation", "log_remaining"])
+        self._computed: set = set()  # expensive points already computed (drawn while dragging only once cached)
+        self.state.observe(self._on_fast_change, names=["sparsity", "methods", "allocation", "log_remaining",
+                                                        "overrides"])
         self.state.observe(self._on_evaluate_toggle, names=["evaluate"])
         self.state.observe(self._show_status, names=["busy", "error", "status"])
         self.redraw()
@@ -162,6 +165,19 @@ class PruneLab:
         self.evaluate_box = widgets.Checkbox(value=st.evaluate, description="evaluate accuracy", indent=False)
         widgets.link((self.evaluate_box, "value"), (st, "evaluate"))
         self.hp_box = widgets.VBox()
+        layers = list(self.session.layer_names)
+        self.override_layer = widgets.Dropdown(options=layers, description="layer",
+                                               layout=widgets.Layout(width="300px"))
+        self.override_mode = widgets.ToggleButtons(options=["free", "lock", "exclude"], value="lock",
+                                                   tooltips=["back to the allocation", "lock at a sparsity",
+                                                             "keep dense"])
+        self.override_mode.style.button_width = "70px"
+        self.override_value = widgets.BoundedFloatText(value=0.5, min=0.0, max=0.999, step=0.01,
+                                                       description="sparsity", layout=widgets.Layout(width="180px"))
+        self.override_button = widgets.Button(description="Apply", tooltip="apply this layer override")
+        self.override_button.on_click(lambda _: self._guard(lambda: self.set_override(
+            self.override_layer.value, self.override_mode.value, self.override_value.value)))
+        self.override_list = widgets.HTML()
         self.export_path = widgets.Text(value="figures", description="folder")
         self.export_button = widgets.Button(description="Export", icon="download",
                                             tooltip="PNG (300 dpi), PDF, SVG, CSV and settings JSON")
@@ -182,6 +198,9 @@ class PruneLab:
             methods_grid,
             widgets.HBox([self.allocation, self.evaluate_box, self.refresh_button, self.export_path,
                           self.export_button, self.busy]),
+            widgets.HBox([widgets.HTML("<b>per-layer overrides</b>"), self.override_layer, self.override_mode,
+                          self.override_value, self.override_button]),
+            self.override_list,
             self.hp_box,
         ])
         panels = widgets.VBox([
@@ -249,6 +268,21 @@ class PruneLab:
     # ------------------------------------------------------------------------------------------------------------
     # controller
     # ------------------------------------------------------------------------------------------------------------
+    def set_override(self, layer: str, mode: str, value: float = 0.0):
+        """Lock ``layer`` at sparsity ``value`` (``mode="lock"``), keep it dense (``"exclude"``) or give it back to
+        the allocation (``"free"``)."""
+        if layer not in self.session.layer_names:
+            raise ValueError(f"unknown layer {layer!r}; valid layers: {', '.join(self.session.layer_names)}.")
+        if mode not in ("free", "lock", "exclude"):
+            raise ValueError(f"mode must be 'free', 'lock' or 'exclude', got {mode!r}.")
+        overrides = dict(self.state.overrides)
+        overrides.pop(layer, None)
+        if mode != "free":
+            overrides[layer] = 0.0 if mode == "exclude" else float(value)
+        self.state.overrides = overrides
+        self.override_list.value = "; ".join(
+            f"{n}: {'excluded (dense)' if v == 0 else f'locked at {v:g}'}" for n, v in overrides.items())
+
     def _on_method_box(self, _):
         self.state.methods = tuple(m for m in self.offered if self.method_boxes[m].value)
         self._build_hyperparameters()
@@ -291,8 +325,25 @@ class PruneLab:
 
     def _prune(self, method, sparsity):
         with self._lock:
-            return self.session.prune(method, sparsity, allocation=self._allocation(),
-                                      **self.hyperparameters.get(method, {}))
+            result = self.session.prune(method, sparsity, allocation=self._allocation(),
+                                        overrides=dict(self.state.overrides) or None,
+                                        **self.hyperparameters.get(method, {}))
+        self._computed.add(self._point(method, sparsity))
+        return result
+
+    def _point(self, method, sparsity):
+        """What an expensive result depends on: sparsity-dependent methods per sparsity, others once."""
+        spec = get_method(method)
+        return (method, self.state.allocation, repr(sorted(self.hyperparameters.get(method, {}).items())),
+                repr(sorted(self.state.overrides.items())),
+                round(sparsity, 6) if spec.sparsity_dependent else None)
+
+    def _ready(self, method, sparsity) -> bool:
+        """Cheap to draw while the slider moves: data-free, sparsity-independent scores (a cached ranking), or a
+        point computed before. Everything else waits for the slider to rest."""
+        spec = get_method(method)
+        cheap = not spec.sparsity_dependent and "data" not in spec.needs
+        return cheap or self._point(method, sparsity) in self._computed
 
     def redraw(self):
         """Recompute the sparsity-dependent panels (layer sparsity, distortion, summary) for the current state."""
@@ -301,7 +352,10 @@ class PruneLab:
         s = st.sparsity
         self.remaining.value = f"remaining weights: <b>{(1 - s) * 100:.3g} %</b>"
         results, errors = {}, []
+        self.pending = [m for m in st.methods if not self._ready(m, s)]
         for m in st.methods:
+            if m in self.pending:
+                continue
             try:
                 results[m] = self._prune(m, s)
             except ValueError as exc:  # e.g. an allocation that cannot reach this sparsity: say so, draw the rest
@@ -319,14 +373,28 @@ class PruneLab:
                     fig = self.figures[name] = make()
                 self._show(name, fig, live=True)
         self._update_summary(evaluate=False)
-        self.state.status = (f"sparsity={s:.3f} · {len(results)} method{'s' if len(results) != 1 else ''} · drawn")
+        waiting = f" · computing {', '.join(self.pending)} when the slider rests" if self.pending else ""
+        self.state.status = (f"sparsity={s:.3f} · {len(results)} method{'s' if len(results) != 1 else ''} · "
+                             f"drawn{waiting}")
         if errors:
             raise ValueError("; ".join(errors))
         self.timings["redraw_s"] = time.perf_counter() - t0
 
     def refresh_accuracy(self):
-        """Evaluate accuracy (cached) for the selected methods at the grid and the current sparsity, then redraw
-        the curve and the summary. Runs after the slider settles."""
+        """Compute the expensive methods at the current point (then redraw the panels), evaluate accuracy (cached)
+        for the selected methods at the grid and the current sparsity, and redraw the curve and the summary. Runs
+        after the slider settles, with the busy indicator on."""
+        if getattr(self, "pending", None):
+            self.state.busy = True
+            try:
+                for m in self.pending:
+                    try:
+                        self._prune(m, self.state.sparsity)
+                    except ValueError:
+                        self._computed.add(self._point(m, self.state.sparsity))  # redraw reports the error
+            finally:
+                self.state.busy = False
+            self.redraw()
         if not self.state.evaluate or self.session.data is None:
             self._draw_curve()
             self._update_summary()
@@ -337,7 +405,9 @@ class PruneLab:
             with self._lock:
                 self.session.evaluate(None)
                 for m in self.state.methods:
-                    for s in points:
+                    # expensive methods: the current point only (a grid of CBS runs is a sweep, not a refresh)
+                    expensive = get_method(m).sparsity_dependent or "data" in get_method(m).needs
+                    for s in ([round(self.state.sparsity, 6)] if expensive else points):
                         try:
                             self.session.evaluate(self.session.prune(m, s, allocation=self._allocation(),
                                                                      **self.hyperparameters.get(m, {})))
@@ -349,7 +419,10 @@ class PruneLab:
         self._update_summary()
 
     def _evaluated(self, method, sparsity):
-        """The point's result and its cached evaluation, or None (never evaluates)."""
+        """The point's result and its cached evaluation, or None (never evaluates, never computes an expensive
+        method)."""
+        if not self._ready(method, sparsity):
+            return None, None
         try:
             res = self._prune(method, sparsity)
         except ValueError:
@@ -425,6 +498,7 @@ class PruneLab:
         st = self.state
         return {"model_fingerprint": self.session.fingerprint, "model": type(self.session.model).__name__,
                 "methods": list(st.methods), "allocation": st.allocation, "sparsity": st.sparsity,
+                "overrides": dict(st.overrides),
                 "hyperparameters": {m: self.hyperparameters[m] for m in st.methods}, "seeds": [0],
                 "prune_lab_version": __version__,
                 "achieved_sparsity": {m: r.sparsity for m, r in self.results.items()}}

@@ -201,3 +201,32 @@ def test_sequential_variants_never_share_cached_masks(convnet):
     fresh = pl.PruneSession(convnet, device="cpu").prune("lap_backward", 0.8)
     assert all(torch.equal(bwd.masks[n], fresh.masks[n]) for n in bwd.masks)
     assert any(not torch.equal(fwd.masks[n], bwd.masks[n]) for n in fwd.masks)
+
+
+def test_overrides_lock_and_exclude_layers(convnet):
+    session = pl.PruneSession(convnet, device="cpu")
+    sizes = dict(zip(session.layer_names, session.prune("magnitude", 0.0).numel))
+    total = sum(sizes.values())
+    for alloc in ("global", "lamp", "erk"):
+        res = session.prune("magnitude", 0.8, allocation=alloc, overrides={"c1.weight": 0.0, "fc2.weight": 0.5})
+        assert res.layer_sparsity["c1.weight"] == 0.0  # excluded: dense
+        assert res.pruned[res.layers.index("fc2.weight")] == round(0.5 * sizes["fc2.weight"])
+        assert sum(res.pruned) == math.floor(0.8 * total + 0.5)  # the model's budget is still met
+        assert int((~res.masks["c1.weight"]).sum()) == 0
+        assert res.hyperparameters["overrides"] == {"c1.weight": 0.0, "fc2.weight": 0.5}
+    glob = session.prune("magnitude", 0.8, allocation="global", overrides={"c1.weight": 0.0})
+    free = [n for n in glob.layers if n != "c1.weight"]
+    params = pl.prunable_parameters(convnet)
+    kept = torch.cat([params[n].detach().abs()[glob.masks[n]] for n in free])
+    pruned = torch.cat([params[n].detach().abs()[~glob.masks[n]] for n in free])
+    assert kept.min() >= pruned.max()  # one global threshold over the unlocked layers
+    uni = session.prune("lap", 0.7, allocation="uniform", overrides={"fc1.weight": 0.9})
+    assert uni.layer_sparsity["fc1.weight"] == pytest.approx(0.9, abs=1e-3)
+    assert uni.layer_sparsity["c2.weight"] == pytest.approx(0.7, abs=0.01)
+    with pytest.raises(ValueError, match=r"overrides: 'nope' is not a prunable layer.*'c1.weight'"):
+        session.prune("magnitude", 0.5, overrides={"nope": 0.1})
+    with pytest.raises(ValueError, match=r"overrides\['fc1.weight'\] must be in \[0, 1\)"):
+        session.prune("magnitude", 0.5, overrides={"fc1.weight": 1.2})
+    with pytest.raises(ValueError, match="cannot be met with these locked layers"):
+        session.prune("magnitude", 0.95, allocation="global",
+                      overrides={n: 0.0 for n in session.layer_names if n != "fc2.weight"})

@@ -150,3 +150,40 @@ def test_live_render_matches_a_full_draw():
     blit = np.asarray(Image.open(io.BytesIO(second)).convert("RGB")).astype(int)
     assert blit.shape == full.shape
     assert (np.abs(blit - full).max(axis=2) > 30).mean() < 0.01
+
+
+def test_layer_overrides_from_the_dashboard(session):
+    lab = PruneLab(session, debounce_s=0, selected=("lamp",), sparsity=0.8)
+    lab.set_override("fc3.weight", "exclude")
+    lab.set_override("fc1.weight", "lock", 0.95)
+    assert lab.state.error == ""
+    res = lab.results["lamp"]
+    assert res.layer_sparsity["fc3.weight"] == 0.0 and res.layer_sparsity["fc1.weight"] == pytest.approx(0.95, 1e-3)
+    assert res.sparsity == pytest.approx(0.8, abs=1e-3)  # the budget moves to the free layer
+    assert "excluded" in lab.override_list.value and "locked at 0.95" in lab.override_list.value
+    assert lab.settings()["overrides"] == {"fc3.weight": 0.0, "fc1.weight": 0.95}
+    lab.set_override("fc1.weight", "exclude")  # leaves too little to prune: said in words
+    assert "cannot be met" in lab.state.error
+    lab.set_override("fc1.weight", "free")
+    lab.set_override("fc3.weight", "free")
+    assert lab.state.overrides == {} and lab.state.error == ""
+    assert lab.results["lamp"].layer_sparsity["fc3.weight"] > 0
+    with pytest.raises(ValueError, match="unknown layer"):
+        lab.set_override("fc9.weight", "lock", 0.5)
+
+
+def test_expensive_methods_wait_for_the_slider_to_rest(session):
+    lab = PruneLab(session, debounce_s=60, selected=("magnitude", "lap_forward"))
+    lab._timer.cancel()
+    lab.slider.value = 0.77  # while dragging: lap_forward (sparsity-dependent) is not computed
+    lab._timer.cancel()
+    assert "lap_forward" in lab.pending and set(lab.results) == {"magnitude"}
+    assert "computing lap_forward" in lab.state.status
+    lab.refresh_accuracy()  # the slider rests
+    assert lab.pending == [] and set(lab.results) == {"magnitude", "lap_forward"}
+    assert "computing" not in lab.state.status
+    lab.slider.value = 0.5
+    lab._timer.cancel()
+    lab.slider.value = 0.77  # visited before: drawn at once
+    lab._timer.cancel()
+    assert "lap_forward" in lab.results
