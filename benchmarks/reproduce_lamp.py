@@ -9,7 +9,7 @@ scores with five layerwise allocations: global (= global MP), uniform, uniform_p
 layers.
 
     python benchmarks/reproduce_lamp.py            # full run: 3 seeds × 5 allocations × 20 rounds (≈ 10 min)
-    python benchmarks/reproduce_lamp.py --quick    # seconds: 1 seed, 3 rounds (rate 0.5), few steps
+    python benchmarks/reproduce_lamp.py --quick    # seconds: 1 seed, 2 rounds (rate 0.5), few steps
 
 Every finished (seed, allocation) trajectory is appended at once to ``<out>/lamp_conv6[_quick]_points.csv`` (one row
 per round, keyed by the run's settings): an interrupted run resumes where it stopped. At the end the script writes
@@ -339,7 +339,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds or [0]
-        args.rounds = args.rounds or 3
+        args.rounds = args.rounds or 2
         args.rate = args.rate or 0.5
         args.pretrain_steps = args.pretrain_steps or 20
         args.finetune_steps = args.finetune_steps or 2

@@ -373,6 +373,14 @@ def report(df, summary, cfg, note, chance, quick, elapsed) -> str:
 
 
 def main(argv=None):
+    """Run the reproduction (see the module docstring); the process's denormal setting is restored afterwards."""
+    try:
+        return _main(argv)
+    finally:
+        torch.set_flush_denormal(False)  # the default: leave no global processor state behind
+
+
+def _main(argv=None):
     from tqdm.auto import tqdm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

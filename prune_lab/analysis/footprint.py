@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.graph import PRUNABLE_TYPES, build_graph, input_channel_index
+from ..core.graph import PRUNABLE_TYPES, build_graph
+from .collapse import effective_masks
 
 __all__ = ["footprint"]
 
@@ -83,76 +84,6 @@ def _positions(model: nn.Module, graph, input_shape) -> dict:
         for h in handles:
             h.remove()
     return counts
-
-
-def _effective(graph, masks: dict, shapes: dict) -> dict:
-    """``{name: BoolTensor}``: kept weights on some input → output path of kept weights."""
-    kept = {n: (masks[n].bool() if n in masks else torch.ones(shapes[n], dtype=torch.bool)).cpu()
-            for n in graph.layers}
-    in_index = {n: input_channel_index(shapes[n], graph.layers[n].groups) for n in graph.layers}
-
-    def units(n, axis_in: bool):
-        layer = graph.layers[n]
-        m = kept[n].reshape(shapes[n][0], shapes[n][1], -1).any(2)  # (out, in/g)
-        if axis_in:
-            out = torch.zeros(layer.n_in, dtype=torch.bool)
-            out[in_index[n].reshape(-1)[m.reshape(-1)]] = True
-            return out
-        return m.any(1)
-
-    def gather_in(n, alive_out):  # which input units of n receive something alive
-        d_in = graph.layers[n].n_in
-        alive = torch.zeros(d_in, dtype=torch.bool)
-        links = graph.producers.get(n) or []
-        if not links:
-            return torch.ones(d_in, dtype=torch.bool)
-        for link in links:
-            if link.layer is None or link.layer not in alive_out:
-                return torch.ones(d_in, dtype=torch.bool)
-            src = alive_out[link.layer]
-            if src.numel() != d_in:
-                if d_in % src.numel():
-                    return torch.ones(d_in, dtype=torch.bool)
-                src = src.repeat_interleave(d_in // src.numel())
-            alive |= src
-        return alive
-
-    def gather_out(n, alive_in):  # which output units of n feed something alive
-        d_out = graph.layers[n].n_out
-        alive = torch.zeros(d_out, dtype=torch.bool)
-        links = graph.consumers.get(n) or []
-        if not links:
-            return torch.ones(d_out, dtype=torch.bool)
-        for link in links:
-            if link.layer is None or link.layer not in alive_in:
-                return torch.ones(d_out, dtype=torch.bool)
-            dst = alive_in[link.layer]
-            if dst.numel() != d_out:
-                if dst.numel() % d_out:
-                    return torch.ones(d_out, dtype=torch.bool)
-                dst = dst.reshape(d_out, -1).any(1)
-            alive |= dst
-        return alive
-
-    names = list(graph.layers)
-    fwd_out, fwd_in = {}, {}  # reachable from the input
-    for n in names:
-        fwd_in[n] = gather_in(n, fwd_out)
-        m = kept[n].reshape(shapes[n][0], shapes[n][1], -1) & fwd_in[n][in_index[n]].unsqueeze(-1)
-        fwd_out[n] = m.any(2).any(1)
-    bwd_in, bwd_out = {}, {}  # reaching the output
-    for n in reversed(names):
-        bwd_out[n] = gather_out(n, bwd_in)
-        m = kept[n].reshape(shapes[n][0], shapes[n][1], -1) & bwd_out[n].reshape(-1, 1, 1)
-        out = torch.zeros(graph.layers[n].n_in, dtype=torch.bool)
-        out[in_index[n].reshape(-1)[m.any(2).reshape(-1)]] = True
-        bwd_in[n] = out
-    eff = {}
-    for n in names:
-        ok_in = fwd_in[n][in_index[n]].unsqueeze(-1)  # (out, in/g, 1)
-        ok_out = bwd_out[n].reshape(-1, 1, 1)
-        eff[n] = (kept[n].reshape(shapes[n][0], shapes[n][1], -1) & ok_in & ok_out).reshape(shapes[n])
-    return eff
 
 
 def _groups_of_four(w: torch.Tensor) -> torch.Tensor:
@@ -215,7 +146,7 @@ def footprint(model: nn.Module, result, *, input_shape=None) -> pd.DataFrame:
                              f"weight {tuple(params[n].shape)}.")
     shapes = {n: tuple(params[n].shape) for n in graph.layers}
     positions = _positions(model, graph, input_shape)
-    eff = _effective(graph, masks, shapes)
+    eff = effective_masks(model, masks)
     rows = []
     for n in masks:
         w = (weights[n] if weights is not None and n in weights else params[n]).detach().cpu()

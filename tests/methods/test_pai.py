@@ -100,20 +100,22 @@ def test_snip_global_masks_keep_the_highest_scores(bundle):
 
 
 def test_synflow_masks_follow_the_global_scope_when_the_engine_says_so(bundle):
+    """Under the global allocation the engine tells SynFlow so: iterative global pruning (the paper's procedure),
+    not the one-shot scores' per-layer counts; the result's counts are those of the masks."""
     net = conv()
     session = pl.PruneSession(net, bundle, device="cpu")
-    res = session.prune("synflow", 0.9, rounds=3)
-    counts = dict(zip(res.layers, res.pruned))
+    res = session.prune("synflow", 0.9, rounds=3)  # default allocation: global
     spec = pl.get_method("synflow")
     hp = spec.make_hyperparameters(rounds=3)
+    counts = dict(zip(res.layers, res.pruned))
+    assert {n: int((~m).sum()) for n, m in res.masks.items()} == counts
     weights = {n: p.detach() for n, p in net.named_parameters() if n in session.graph.layers}
     ctx = ScoreContext(weights=weights, prunable=list(res.layers), graph=session.graph, bn_scales={}, model=net,
                        data=bundle)
-    layerwise = spec.masks(ctx, counts, hp)
-    assert {n: int((~m).sum()) for n, m in layerwise.items()} == counts
-    assert all(torch.equal(layerwise[n], res.masks[n]) for n in counts)
-    ctx.allocation = "global"
-    glob = spec.masks(ctx, counts, hp)
-    assert sum(int((~m).sum()) for m in glob.values()) == sum(counts.values())
     want = pai.synflow_masks(net, (1, 8, 8), counts, rounds=3, scope="global")
-    assert all(torch.equal(glob[n], want[n]) for n in want)
+    assert all(torch.equal(res.masks[n], want[n]) for n in want)
+    layerwise = spec.masks(ctx, counts, hp)  # no allocation in the context: per-layer counts
+    assert {n: int((~m).sum()) for n, m in layerwise.items()} == counts
+    uniform = session.prune("synflow", 0.9, rounds=3, allocation="uniform")
+    assert list(uniform.pruned) == [int(0.9 * k + 0.5) for k in uniform.numel]
+    assert {n: int((~m).sum()) for n, m in uniform.masks.items()} == dict(zip(uniform.layers, uniform.pruned))
