@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/slider_latency.py
+	$(PY) benchmarks/lab_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

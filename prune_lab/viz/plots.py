@@ -20,6 +20,17 @@ from ..methods import list_methods
 _PALETTE = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
 
 
+class PlotFigure(Figure):
+    """A ``Figure`` that shows itself in a notebook (PNG) without pyplot or an inline backend."""
+
+    def _repr_png_(self):
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+
 def method_color(method: str):
     """The colour of ``method`` in every figure (registry order; unknown names hash into the palette)."""
     names = list_methods()
@@ -37,7 +48,7 @@ def paper_style():
 def _figure(figsize, ax=None):
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=figsize, layout="constrained", dpi=100)
+    fig = PlotFigure(figsize=figsize, layout="constrained", dpi=100)
     return fig, fig.subplots()
 
 
@@ -97,7 +108,7 @@ def plot_distortion(data: pd.DataFrame, *, ax=None, relative: bool = True, title
     single = "relative_frobenius" if relative else "frobenius"
     with paper_style():
         if ax is None:
-            fig = Figure(figsize=(max(6.4, 0.5 * len(layers) * max(1, len(methods)) ** 0.5 + 2), 5.0),
+            fig = PlotFigure(figsize=(max(6.4, 0.5 * len(layers) * max(1, len(methods)) ** 0.5 + 2), 5.0),
                          layout="constrained", dpi=100)
             ax1, ax2 = fig.subplots(2, 1, sharex=True)
         else:

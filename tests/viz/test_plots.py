@@ -89,3 +89,8 @@ def test_no_pyplot_figures_leak():
     before = len(plt.get_fignums())
     plot_layer_sparsity(TABLE), plot_distortion(DIST)
     assert len(plt.get_fignums()) == before
+
+
+def test_figures_show_themselves_in_a_notebook():
+    png = plot_layer_sparsity(TABLE)._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
