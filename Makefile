@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 venv: $(STAMP)
 
+# JupyterLab refuses to start as root unless told: allow it only when running as root (containers).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) notebooks/01_quickstart.ipynb
 
 test: $(STAMP)
 	PRUNE_LAB_SMOKE=1 $(PY) -m pytest --nbmake tests notebooks $(PYTEST_ARGS)
