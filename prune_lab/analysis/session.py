@@ -11,9 +11,7 @@ import functools
 import math
 import threading
 import warnings
-from dataclasses import asdict
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F

@@ -16,7 +16,7 @@ import torch
 
 from ..core.ranking import LayerRank, Ranking
 from ..methods.registry import get_method, list_methods
-from .result import plain
+from .result import plain, read_payload
 
 FORMAT = "prune_lab.SessionCache"
 FORMAT_VERSION = 1
@@ -79,19 +79,8 @@ def load_cache(session, path) -> int:
     >>> load_cache(pl.PruneSession(net, device="cpu"), path)   # other weights: nothing stale is trusted
     0
     """
-    path = os.fspath(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our file
-        raise ValueError(f"{path!r} is not a saved session cache ({type(exc).__name__}: {exc}).") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a saved session cache (no {FORMAT!r} header); write one with "
-                         f"save_cache(session, path).")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path!r} uses cache format {payload['format_version']} (prune_lab "
-                         f"{payload.get('library_version')}); this prune_lab reads format {FORMAT_VERSION}.")
+    payload = read_payload(path, FORMAT, FORMAT_VERSION, what="a saved session cache",
+                           how="save_cache(session, path)")
     fingerprint = session.fingerprint
     device = session.device
     loaded = 0

@@ -13,6 +13,25 @@ FORMAT = "prune_lab.PruneResult"
 FORMAT_VERSION = 1
 
 
+def read_payload(path, fmt: str, version: int, *, what: str, how: str) -> dict:
+    """Load a prune_lab file (``torch.load`` with ``weights_only=True``) and check its header: a clear
+    ``ValueError`` when it is not ``what`` or was written in a newer format."""
+    path = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our file
+        raise ValueError(f"{path!r} is not {what} (could not read it: {type(exc).__name__}: {exc}).") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path!r} is not {what} (no {fmt!r} header); write one with {how}.")
+    if payload.get("format_version", 0) > version:
+        raise ValueError(f"{path!r} was written by prune_lab {payload.get('library_version')} in format "
+                         f"{payload['format_version']}; this prune_lab reads format {version} and older. "
+                         f"Upgrade prune_lab.")
+    return payload
+
+
 def plain(value):
     """``value`` as plain Python (numbers, strings, None, tuples, lists, dicts) for files read with
     ``torch.load(weights_only=True)``: numpy and 0-d tensor scalars become numbers; anything else its ``repr``.
@@ -158,21 +177,8 @@ class PruneResult:
         >>> pl.PruneResult.load(path).sparsity
         0.5
         """
-        path = os.fspath(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our file
-            raise ValueError(f"{path!r} is not a saved PruneResult (could not read it: {type(exc).__name__}: "
-                             f"{exc}).") from exc
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path!r} is not a saved PruneResult (no {FORMAT!r} header); write one with "
-                             f"result.save(path).")
-        if payload.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path!r} was written by prune_lab {payload.get('library_version')} in format "
-                             f"{payload['format_version']}; this prune_lab reads format {FORMAT_VERSION} and "
-                             f"older. Upgrade prune_lab.")
+        payload = read_payload(path, FORMAT, FORMAT_VERSION, what="a saved PruneResult",
+                               how="result.save(path)")
         masks = {}
         for n in payload["layers"]:
             shape = tuple(payload["mask_shapes"][n])
