@@ -252,8 +252,9 @@ class PruneSession:
                       for n, s in scores.items()}
         return scores
 
-    def _ranking(self, spec: MethodSpec, hp, seed: int, start: dict | None, start_key: str) -> Ranking:
-        state = self._snapshot()
+    def _ranking(self, spec: MethodSpec, hp, seed: int, start: dict | None, start_key: str,
+                 state: _State | None = None) -> Ranking:
+        state = state or self._snapshot()
         key = self._key(spec, hp, seed, start_key, state)
         hit = self._rankings.get(key)
         if hit is not None:
@@ -261,7 +262,7 @@ class PruneSession:
             return hit
         if spec.order_of is not None:
             base_spec = get_method(spec.order_of)
-            base = self._ranking(base_spec, base_spec.make_hyperparameters(), seed, start, start_key)
+            base = self._ranking(base_spec, base_spec.make_hyperparameters(), seed, start, start_key, state)
             orders = {n: base.layers[n].order for n in self.layer_names}
             values = spec.sorted_values(self._context(state, seed, start), hp, orders)
             if start is not None:  # already-pruned weights lead the base order: keep them first
@@ -340,11 +341,12 @@ class PruneSession:
         self._check_needs(spec)
         start = self._check_masks(masks)
         start_key = self._masks_key(start)
-        ranking = self._ranking(spec, hpo, seed, start, start_key)
+        state = self._snapshot()  # once per call: the version check is the warm path's largest fixed cost
+        ranking = self._ranking(spec, hpo, seed, start, start_key, state)
 
         def lamp_ranking():
             lamp = get_method("lamp")
-            return self._ranking(lamp, lamp.make_hyperparameters(), 0, start, start_key)
+            return self._ranking(lamp, lamp.make_hyperparameters(), 0, start, start_key, state)
 
         counts = self._allocate(alloc, s, ranking, lamp_ranking, overrides)
         if start is not None:
@@ -355,7 +357,6 @@ class PruneSession:
                 raise ValueError(
                     f"sparsity {s:g} with allocation {alloc!r} would prune {counts[short[0]]} weights of {n!r}, "
                     f"but the starting masks already prune {already[short[0]]} there; ask for a higher sparsity.")
-        state = self._snapshot()
         devices = {n: self._params[n].device for n in self.layer_names}  # masks go where each weight lives
         common = dict(method=spec.name, allocation=alloc, target_sparsity=s, hyperparameters=asdict(hpo),
                       seed=int(seed) if spec.stochastic else None, layers=tuple(self.layer_names),
