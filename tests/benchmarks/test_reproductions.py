@@ -17,6 +17,17 @@ def _load(name):
     return mod
 
 
+@pytest.fixture(autouse=True)
+def _registry_left_as_found():
+    """The LAP script registers its paper allocation; the rest of the suite must not see it."""
+    from prune_lab.core import allocation
+
+    before = dict(allocation._ALLOCATIONS)
+    yield
+    allocation._ALLOCATIONS.clear()
+    allocation._ALLOCATIONS.update(before)
+
+
 def _columns(path: Path) -> list:
     with open(path, newline="") as f:
         return next(csv.reader(f))
@@ -68,7 +79,7 @@ def test_reproduce_lamp_quick_and_resume(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert _columns(tmp_path / "lamp_conv6_quick.csv") == [
         "allocation", "label", "round", "remaining_pct", "n_seeds", "accuracy_mean", "accuracy_std",
-        "n_collapsed_mean", "n_collapsed_max", "seeds_with_collapse"]
+        "n_collapsed_mean", "n_collapsed_max", "seeds_with_collapse", "min_layer_density_pct"]
     assert _columns(tmp_path / "lamp_conv6_quick_layers.csv") == [
         "allocation", "label", "layer", "round", "sparsity_mean", "sparsity_min", "sparsity_max", "n_seeds"]
     assert first["computed_trajectories"] == len(mod.ALLOCATIONS)
