@@ -114,14 +114,15 @@ def plot_distortion(data: pd.DataFrame, *, ax=None, relative: bool = True, title
         else:
             fig, ax1, ax2 = ax.figure, ax, None
         x = _grouped_bars(ax1, data, single, methods, layers)
-        ax1.set_ylabel("single layer\n‖W − W̃‖ / ‖W‖" if relative else "single layer\n‖W − W̃‖_F")
-        ax1.set_title(title or "Distortion per layer: single layer (top), lookahead (bottom)")
+        ax1.set_ylabel("single layer\n‖W − W̃‖ / ‖W‖" if relative else "single layer ‖W − W̃‖_F")
+        ax1.set_title(title or ("Distortion per layer, relative to removing the whole layer" if relative else
+                                "Distortion per layer"))
         ax1.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         look = "relative_lookahead" if relative and "relative_lookahead" in data else "lookahead"
         if ax2 is not None and look in data:
             _grouped_bars(ax2, data, look, methods, layers, alpha=0.6)
-            ax2.set_ylabel("lookahead\n‖W₊(W − W̃)W₋‖ / ‖W₊WW₋‖" if look == "relative_lookahead" else
-                           "lookahead\n‖W₊(W − W̃)W₋‖_F")
+            ax2.set_ylabel("lookahead\n‖W₊ΔW W₋‖ / ‖W₊W W₋‖" if look == "relative_lookahead" else
+                           "lookahead ‖W₊ΔW W₋‖_F")
             _layer_ticks(ax2, x, layers)
             ax2.set_xlabel("layer")
         else:
