@@ -6,6 +6,8 @@ Scores and masks are ``{name: Tensor}`` keyed by parameter names; weights are ``
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -159,9 +161,14 @@ def effective_sparsity(model: nn.Module, masks) -> float:
 
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
     >>> m = {"0.weight": torch.tensor([[True, True], [False, False]]), "2.weight": torch.tensor([[False, True]])}
+    >>> import warnings; warnings.simplefilter("ignore")
     >>> effective_sparsity(net, m)
     1.0
     """
     eff = effective_masks(model, masks)
+    empty = [n for n, m in eff.items() if m.numel() and not bool(m.any())]
+    if empty:
+        warnings.warn(f"{len(empty)} layer(s) have no effective weight left (the network is disconnected): "
+                      f"{', '.join(empty[:5])}{', …' if len(empty) > 5 else ''}.", UserWarning, stacklevel=2)
     total = sum(m.numel() for m in eff.values())
     return 1.0 - sum(int(m.sum()) for m in eff.values()) / total if total else 0.0

@@ -24,6 +24,7 @@ from ..engine.result import PruneResult
 from ..engine.session import PruneSession as EngineSession
 from ..methods import get_method
 from ..training import evaluate, train
+from ..training import recalibrate_bn as recalibrate
 
 MODEL_ROW = "(model)"
 
@@ -93,21 +94,39 @@ class PruneSession(EngineSession):
     def _eval_key(self, result, data, kw) -> tuple:
         return ("eval", self.fingerprint, self._data_id(data), _result_key(result), tuple(sorted(kw.items())))
 
-    def cached_evaluation(self, result: PruneResult | None = None, data=None) -> dict | None:
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+
+    def cached_evaluation(self, result: PruneResult | None = None, data=None, *, recalibrate_bn: bool = False
+                          ) -> dict | None:
         """The cached :meth:`evaluate` of ``result`` if it has been evaluated, else ``None`` (never evaluates)."""
         data = data if data is not None else self.data
         if data is None:
             return None
-        hit = self._evals.get(self._eval_key(result, data, {}))
+        recal = bool(recalibrate_bn) and result is not None and self.has_batchnorm
+        hit = self._evals.get(self._eval_key(result, data, {"recalibrate_bn": True} if recal else {}))
         return None if hit is None else dict(hit)
 
     @_locked
-    def evaluate(self, result: PruneResult | None = None, data=None, **kw) -> dict:
+    def evaluate(self, result: PruneResult | None = None, data=None, *, recalibrate_bn: bool = False, **kw) -> dict:
         """``{"accuracy", "loss"}`` on held-out data with ``result`` applied (dense for ``None``), cached by content.
-        The model is not modified."""
+        ``recalibrate_bn``: re-estimate the BatchNorm statistics of the pruned network first (on a copy; a no-op
+        for models without BatchNorm). The model is not modified."""
         data = self._data(data, "evaluate")
-        key = self._eval_key(result, data, kw)
+        recal = bool(recalibrate_bn) and result is not None and self.has_batchnorm
+        key = self._eval_key(result, data, {**kw, "recalibrate_bn": True} if recal else kw)
         hit = self._evals.get(key)
+        if hit is None and recal:
+            model = copy.deepcopy(self.model)
+            if result.weights is not None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, w in result.weights.items():
+                        params[n].copy_(w)
+            recalibrate(model, data, masks=result.masks, inplace=True)
+            hit = evaluate(model, data, masks=result.masks, **kw)
+            self._evals[key] = hit
         if hit is None:
             hit = evaluate(self.model, data, masks=None if result is None else result.masks,
                            weights=None if result is None else result.weights, **kw)
@@ -207,12 +226,13 @@ class PruneSession(EngineSession):
     # ------------------------------------------------------------------------------------------------------------
     @_locked
     def sweep(self, methods, sparsities, *, allocations=None, seeds=(0,), finetune: dict | None = None, data=None,
-              progress: bool = True, **hp) -> pd.DataFrame:
+              recalibrate_bn: bool = False, progress: bool = True, **hp) -> pd.DataFrame:
         """Accuracy and loss over methods × allocations × sparsities × seeds: a row per point with ``method,
         allocation, sparsity, seed, achieved_sparsity, accuracy, loss, finetuned`` (a second row per point with
         ``finetuned=True`` when ``finetune`` — keyword arguments of :func:`prune_lab.train`, e.g.
-        ``{"epochs": 1}`` — is given). Cached by content; an interrupted sweep returns what it finished (and keeps
-        it cached).
+        ``{"epochs": 1}`` — is given). ``recalibrate_bn``: evaluate each pruned network after re-estimating its
+        BatchNorm statistics. Cached by content; an interrupted sweep returns what it finished (and keeps it
+        cached).
 
         ``allocations``: ``None`` (each method's paper default), a name, or a list of names.
         """
@@ -230,7 +250,7 @@ class PruneSession(EngineSession):
         try:
             for method, alloc, s, seed in bar:
                 bar.set_postfix_str(f"{method} @ {s:g}")
-                rows.extend(self._sweep_point(method, alloc, s, seed, finetune, data, hp))
+                rows.extend(self._sweep_point(method, alloc, s, seed, finetune, data, hp, recalibrate_bn))
         except KeyboardInterrupt:
             interrupted = True
             warnings.warn(f"sweep interrupted after {len(rows)} rows; finished points stay cached.", stacklevel=2)
@@ -241,13 +261,13 @@ class PruneSession(EngineSession):
         df.attrs["interrupted"] = interrupted
         return df
 
-    def _sweep_point(self, method, alloc, s, seed, finetune, data, hp) -> list:
+    def _sweep_point(self, method, alloc, s, seed, finetune, data, hp, recalibrate_bn=False) -> list:
         spec = get_method(method)
         alloc_name = alloc or spec.default_allocation
         res = self.prune(method, s, allocation=alloc, seed=seed, **hp)
         base = {"method": method, "allocation": alloc_name, "sparsity": s,
                 "seed": seed, "achieved_sparsity": res.sparsity}
-        rows = [{**base, **self.evaluate(res, data), "finetuned": False}]
+        rows = [{**base, **self.evaluate(res, data, recalibrate_bn=recalibrate_bn), "finetuned": False}]
         if finetune:
             key = ("finetune", self.fingerprint, self._data_id(data), _result_key(res),
                    tuple(sorted((k, repr(v)) for k, v in finetune.items())))

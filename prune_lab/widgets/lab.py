@@ -469,6 +469,9 @@ class PruneLab:
             if self.session.data is not None and self.state.evaluate and evaluate:
                 with self._lock:
                     row["output distortion"] = round(self.session.output_distortion(r)["output_distortion"], 4)
+                    if self.session.has_batchnorm:  # pruning shifts BN statistics: show both accuracies
+                        ev_bn = self.session.evaluate(r, recalibrate_bn=True)
+                        row["accuracy % (BN recalibrated)"] = round(100 * ev_bn["accuracy"], 2)
             rows.append(row)
         self.summary = pd.DataFrame(rows)
         self.summary_html.value = self.summary.to_html(index=False, na_rep="…", classes="prune-lab-summary",

@@ -192,3 +192,25 @@ def test_concurrent_evaluations_do_not_mix(trained, digits):
         release.set()
         handle.remove()
     assert got == dense
+
+
+def test_bn_recalibration_in_evaluate_and_the_lab():
+    from tests.conftest import SmallConvNet
+
+    data = pl.data.synthetic(n_train=256, n_test=128, input_shape=(1, 8, 8), num_classes=3, seed=0)
+    model = pl.train(SmallConvNet(), data, epochs=3, progress=False).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = pl.PruneSession(model, data)
+    res = s.prune("global_magnitude", 0.8)
+    plain = s.evaluate(res)
+    recal = s.evaluate(res, recalibrate_bn=True)
+    expected = pl.evaluate(pl.recalibrate_bn(model, data, masks=res.masks), data, masks=res.masks)
+    assert recal == expected and recal != plain
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert s.cached_evaluation(res, recalibrate_bn=True) == recal
+    df = s.sweep("global_magnitude", [0.8], recalibrate_bn=True, progress=False)
+    assert df["accuracy"].iloc[0] == recal["accuracy"]
+    from prune_lab.widgets import PruneLab
+
+    lab = PruneLab(s, debounce_s=0, selected=("global_magnitude",), sparsity=0.8)
+    assert lab.summary["accuracy % (BN recalibrated)"].iloc[0] == round(100 * recal["accuracy"], 2)
