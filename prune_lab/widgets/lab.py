@@ -145,9 +145,17 @@ class PruneLab:
                                           layout=widgets.Layout(width="420px"))
         widgets.link((self.slider, "value"), (st, "sparsity"))
         self.remaining = widgets.HTML()
-        self.log_toggle = widgets.Checkbox(value=st.log_remaining, description="log remaining-weights axis",
+        # For extreme sparsity: the same knob as remaining weights (%) on a log scale, 0.1 % … 100 %.
+        self.remaining_slider = widgets.FloatLogSlider(
+            value=max(0.1, 100 * (1 - st.sparsity)), base=10, min=-1, max=2, step=0.01,
+            description="remaining %", readout_format=".3g", continuous_update=True,
+            layout=widgets.Layout(width="420px", display="none"))
+        traitlets.link((self.remaining_slider, "value"), (st, "sparsity"),
+                       transform=(lambda r: 1 - r / 100, lambda s: max(0.1, 100 * (1 - s))))
+        self.log_toggle = widgets.Checkbox(value=st.log_remaining, description="log scale (remaining weights)",
                                            indent=False)
         widgets.link((self.log_toggle, "value"), (st, "log_remaining"))
+        self.log_toggle.observe(self._swap_sliders, names="value")
         self.method_boxes = {}
         for m in self.offered:
             spec = get_method(m)
@@ -194,7 +202,7 @@ class PruneLab:
         methods_grid = widgets.GridBox(list(self.method_boxes.values()),
                                        layout=widgets.Layout(grid_template_columns="repeat(4, 225px)"))
         controls = widgets.VBox([
-            widgets.HBox([self.slider, self.remaining, self.log_toggle]),
+            widgets.HBox([self.slider, self.remaining_slider, self.remaining, self.log_toggle]),
             methods_grid,
             widgets.HBox([self.allocation, self.evaluate_box, self.refresh_button, self.export_path,
                           self.export_button, self.busy]),
@@ -268,6 +276,11 @@ class PruneLab:
     # ------------------------------------------------------------------------------------------------------------
     # controller
     # ------------------------------------------------------------------------------------------------------------
+    def _swap_sliders(self, change):
+        """The log toggle swaps the sparsity slider for the remaining-weights (%) slider on a log scale."""
+        self.slider.layout.display = "none" if change["new"] else None
+        self.remaining_slider.layout.display = None if change["new"] else "none"
+
     def set_override(self, layer: str, mode: str, value: float = 0.0):
         """Lock ``layer`` at sparsity ``value`` (``mode="lock"``), keep it dense (``"exclude"``) or give it back to
         the allocation (``"free"``)."""

@@ -187,3 +187,15 @@ def test_expensive_methods_wait_for_the_slider_to_rest(session):
     lab.slider.value = 0.77  # visited before: drawn at once
     lab._timer.cancel()
     assert "lap_forward" in lab.results
+
+
+def test_log_scaled_remaining_weights_slider(session):
+    lab = PruneLab(session, debounce_s=0, selected=("lamp",))
+    lab.log_toggle.value = True
+    assert lab.remaining_slider.layout.display is None and lab.slider.layout.display == "none"
+    lab.remaining_slider.value = 0.5  # 0.5 % of the weights remain
+    assert lab.state.sparsity == pytest.approx(0.995)
+    assert lab.results["lamp"].sparsity == pytest.approx(0.995, abs=1e-3)
+    assert lab.figures["accuracy"].axes[0].get_xscale() == "log"
+    lab.slider.value = 0.9
+    assert lab.remaining_slider.value == pytest.approx(10.0)
