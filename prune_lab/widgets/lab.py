@@ -150,8 +150,10 @@ class PruneLab:
             value=max(0.1, 100 * (1 - st.sparsity)), base=10, min=-1, max=2, step=0.01,
             description="remaining %", readout_format=".3g", continuous_update=True,
             layout=widgets.Layout(width="420px", display="none"))
-        traitlets.link((self.remaining_slider, "value"), (st, "sparsity"),
-                       transform=(lambda r: 1 - r / 100, lambda s: max(0.1, 100 * (1 - s))))
+        # Synced by hand, not linked: only the visible slider drives the state, so a hidden slider's snapping to
+        # its own grid can never move the sparsity.
+        self.remaining_slider.observe(self._from_remaining, names="value")
+        st.observe(self._to_remaining, names="sparsity")
         self.log_toggle = widgets.Checkbox(value=st.log_remaining, description="log scale (remaining weights)",
                                            indent=False)
         widgets.link((self.log_toggle, "value"), (st, "log_remaining"))
@@ -276,6 +278,16 @@ class PruneLab:
     # ------------------------------------------------------------------------------------------------------------
     # controller
     # ------------------------------------------------------------------------------------------------------------
+    def _from_remaining(self, change):
+        if self.state.log_remaining:
+            self.state.sparsity = 1 - change["new"] / 100
+
+    def _to_remaining(self, change):
+        want = max(0.1, 100 * (1 - change["new"]))
+        if abs(self.remaining_slider.value - want) > 1e-9 * want and not (
+                self.state.log_remaining and abs(1 - self.remaining_slider.value / 100 - change["new"]) < 1e-12):
+            self.remaining_slider.value = want
+
     def _swap_sliders(self, change):
         """The log toggle swaps the sparsity slider for the remaining-weights (%) slider on a log scale."""
         self.slider.layout.display = "none" if change["new"] else None
