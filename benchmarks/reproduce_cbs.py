@@ -17,9 +17,9 @@ every 5 ms) are recorded per pruning call.
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 import prune_lab as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared points cache, beside this script
+from _points import points_key, read_points, write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist-t10k"
@@ -108,18 +111,10 @@ def settings(args) -> dict:
                 data="digits" if args.quick else str(args.data_root))
 
 
-def points_key(cfg: dict) -> str:
-    keep = {k: v for k, v in cfg.items() if k not in ("seeds", "sparsities")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def load_points(path: Path, key: str) -> dict:
     done = {}
-    if path.is_file():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row["key"] == key:
-                    done[(int(row["seed"]), row["method"], float(row["sparsity"]))] = row
+    for row in read_points(path, key):
+        done[(int(row["seed"]), row["method"], float(row["sparsity"]))] = row
     return done
 
 
@@ -129,7 +124,8 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = "cbs_mlpnet_quick" if args.quick else "cbs_mlpnet"
     cfg = settings(args)
-    key = points_key(cfg)
+    # seeds and sparsities are part of each point, not of the settings they share
+    key = points_key({k: v for k, v in cfg.items() if k not in ("seeds", "sparsities")})
     points_path = out / f"{stem}_points.csv"
     done = load_points(points_path, key) if not args.fresh else {}
     fields = ["key", "seed", "method", "sparsity", "accuracy", "loss", "seconds", "peak_mb", "dense_accuracy"]
@@ -217,10 +213,7 @@ def summarise(out: Path, stem: str, cfg: dict, done: dict, extra: dict) -> dict:
                               accuracy_std=float(acc.std(ddof=1)) if len(sel) > 1 else 0.0,
                               seconds_mean=float(np.mean([r["seconds"] for r in sel])),
                               peak_mb_max=float(np.max([r["peak_mb"] for r in sel]))))
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    write_table(out / f"{stem}.csv", table)
     dense = sorted({(r["seed"], r["dense"]) for r in rows})
     dense_acc = np.array([d for _, d in dense]) * 100
     summary = dict(settings=cfg, table=table, dense_accuracy_mean=float(dense_acc.mean()),

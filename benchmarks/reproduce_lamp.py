@@ -23,8 +23,8 @@ Allocation colours (a fixed palette of this script, Okabe–Ito): global #E69F00
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -37,6 +37,9 @@ import torch
 import prune_lab as pl
 from prune_lab.analysis.collapse import layer_collapse
 from prune_lab.engine.iterative import iterative_prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared points cache, beside this script
+from _points import points_key, read_points, write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOCATIONS = ("global", "uniform", "uniform_plus", "erk", "lamp")
@@ -54,18 +57,11 @@ def settings(args) -> dict:
                 finetune_steps=args.finetune_steps, optimizer="adamw", lr=3e-4, batch_size=100, score="magnitude")
 
 
-def points_key(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def load_points(path: Path, key: str) -> dict:
     """{(seed, allocation): [rows by round]} for complete trajectories of this key."""
     done: dict = {}
-    if path.is_file():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row["key"] == key:
-                    done.setdefault((int(row["seed"]), row["allocation"]), []).append(row)
+    for row in read_points(path, key):
+        done.setdefault((int(row["seed"]), row["allocation"]), []).append(row)
     return done
 
 
@@ -149,10 +145,7 @@ def summarise(out: Path, stem: str, cfg: dict, args, done: dict) -> dict:
                               n_collapsed_mean=float(nc.mean()), n_collapsed_max=int(nc.max()),
                               seeds_with_collapse=int((nc > 0).sum()),
                               min_layer_density_pct=float(np.mean(dens))))
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    write_table(out / f"{stem}.csv", table)
     # per-layer sparsity at the last round, mean over seeds
     layers = []
     for a in args.allocations:
@@ -165,10 +158,7 @@ def summarise(out: Path, stem: str, cfg: dict, args, done: dict) -> dict:
             layers.append(dict(allocation=a, label=LABELS[a], layer=name, round=args.rounds,
                                sparsity_mean=float(v.mean()), sparsity_min=float(v.min()),
                                sparsity_max=float(v.max()), n_seeds=len(sel)))
-    with open(out / f"{stem}_layers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(layers[0]))
-        w.writeheader()
-        w.writerows(layers)
+    write_table(out / f"{stem}_layers.csv", layers)
     sizes = {n: int(p.numel()) for n, p in
              pl.models.create("conv6", in_channels=1, input_size=8).named_parameters() if n.endswith("weight")}
     cell = {(t["allocation"], t["round"]): t for t in table}

@@ -22,9 +22,9 @@ scaled down from 50k steps each to ``--pretrain-steps`` / ``--retrain-steps``.
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -38,6 +38,9 @@ import torch
 import prune_lab as pl
 from prune_lab.core.allocation import list_allocations, register_allocation
 from prune_lab.core.validation import round_half_up
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared points cache, beside this script
+from _points import points_key, read_points, write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist-t10k"
@@ -97,17 +100,10 @@ def settings(args) -> dict:
                 allocation="lap_paper")
 
 
-def points_key(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def load_points(path: Path, key: str) -> dict:
     done = {}
-    if path.is_file():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row["key"] == key:
-                    done[(int(row["seed"]), row["method"], int(row["k"]))] = row
+    for row in read_points(path, key):
+        done[(int(row["seed"]), row["method"], int(row["k"]))] = row
     return done
 
 
@@ -200,10 +196,7 @@ def summarise(out: Path, stem: str, cfg: dict, args, done: dict) -> dict:
                               error_std=float(err.std(ddof=1)) if len(sel) > 1 else 0.0,
                               error_oneshot_mean=float(one.mean()),
                               error_oneshot_std=float(one.std(ddof=1)) if len(sel) > 1 else 0.0))
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    write_table(out / f"{stem}.csv", table)
     dense = np.array(sorted({(int(r["seed"]), float(r["dense_error"])) for r in done.values()}))[:, 1] * 100
     cell = {(t["method"], t["k"]): t for t in table}
     verdict = claim_verdict(cell, args.ks)
