@@ -4,6 +4,7 @@
     prune-lab prune --method lamp lap --sparsity 0.5 0.9 0.98          # pretrained mlpnet on digits
     prune-lab prune --model torchvision:resnet18 --data none --method global_magnitude --sparsity 0.8
     prune-lab report --model mlpnet --data digits --methods magnitude,global_magnitude,lamp,lap --out figures/
+    prune-lab sweep examples/sweep.yaml --backend ray --address auto   # methods × sparsities × seeds on a cluster
 """
 from __future__ import annotations
 
@@ -111,6 +112,59 @@ def cmd_report(args) -> int:
     return 0
 
 
+#: the keys of a sweep configuration file, with their defaults
+SWEEP_CONFIG = {"model": "mlpnet", "data": "digits", "data_root": None, "device": "auto",
+                "methods": ["magnitude", "lamp"], "allocations": None, "sparsities": [0.5, 0.8, 0.9],
+                "seeds": [0], "finetune": None, "recalibrate_bn": False, "hyperparameters": {},
+                "backend": "local", "workers": None, "address": None, "retries": 3,
+                "cache_dir": None, "out": "sweep.csv"}
+
+
+def load_sweep_config(path) -> dict:
+    """A sweep configuration (YAML) merged over :data:`SWEEP_CONFIG`; unknown keys are an error."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep configuration {str(path)!r} not found.")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a sweep configuration is a mapping of keys ({', '.join(SWEEP_CONFIG)}).")
+    unknown = sorted(set(loaded) - set(SWEEP_CONFIG))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+                         f"{', '.join(SWEEP_CONFIG)}.")
+    return {**SWEEP_CONFIG, **loaded}
+
+
+def cmd_sweep(args) -> int:
+    """Accuracy over methods × allocations × sparsities × seeds (× fine-tuning), locally or on a Ray cluster."""
+    from .analysis import PruneSession as AnalysisSession
+
+    cfg = load_sweep_config(args.config)
+    for key in ("backend", "address", "workers", "cache_dir", "out"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if cfg["data"] not in DATASETS:
+        raise ValueError(f"data {cfg['data']!r} is not one of {', '.join(DATASETS)}.")
+    maker = DATASETS[cfg["data"]]
+    bundle = maker(root=cfg["data_root"]) if cfg["data"] != "digits" else maker()
+    model, _ = _load_model(cfg["model"], bundle, cfg["device"])
+    session = AnalysisSession(model, bundle, device=cfg["device"])
+    df = session.sweep(cfg["methods"], cfg["sparsities"], allocations=cfg["allocations"], seeds=cfg["seeds"],
+                       finetune=cfg["finetune"], recalibrate_bn=cfg["recalibrate_bn"], progress=args.progress,
+                       backend=cfg["backend"], workers=cfg["workers"], address=cfg["address"],
+                       retries=cfg["retries"], cache_dir=cfg["cache_dir"], **(cfg["hyperparameters"] or {}))
+    out = Path(cfg["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(df.to_string(index=False))
+    print(f"{len(df)} rows ({df.attrs['computed']} points computed, {df.attrs['cached']} from the cache) "
+          f"written to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="prune-lab", description="Prune neural networks and compare methods.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -140,6 +194,15 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="figures")
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", dest="progress", action="store_false")
+    w = sub.add_parser("sweep", help="run a sweep from a YAML configuration, locally or on a Ray cluster")
+    w.add_argument("config", help=f"YAML file with keys {', '.join(SWEEP_CONFIG)} (see examples/sweep.yaml)")
+    w.add_argument("--backend", default=None, choices=["local", "ray"], help="overrides the configuration's")
+    w.add_argument("--address", default=None, help="Ray cluster address: auto, ray://head:10001, …")
+    w.add_argument("--workers", type=int, default=None, help="processes for backend local")
+    w.add_argument("--cache-dir", dest="cache_dir", default=None,
+                   help="result store folder (on a cluster: a path every node sees)")
+    w.add_argument("--out", default=None, help="CSV file for the results")
+    w.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     if args.command == "methods":
         with pd.option_context("display.max_colwidth", 80, "display.width", 200):
@@ -147,7 +210,7 @@ def main(argv=None) -> int:
             print("\nallocations:", ", ".join(f"{a} ({get_allocation(a).label})" for a in list_allocations()))
         return 0
     try:
-        return cmd_report(args) if args.command == "report" else cmd_prune(args)
+        return {"report": cmd_report, "sweep": cmd_sweep, "prune": cmd_prune}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"prune-lab: error: {exc}", file=sys.stderr)
         return 2

@@ -63,3 +63,14 @@ def assert_state_equal(model, before):
     assert set(after) == set(before)
     for k, v in before.items():
         assert torch.equal(after[k], v), f"{k} changed"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster on 127.0.0.1 with 2 CPUs, started once for the tests that need it."""
+    import ray  # a dev dependency: installed by `make test`
+
+    ray.init(num_cpus=2, address="local", include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()

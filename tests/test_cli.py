@@ -1,3 +1,6 @@
+import pandas as pd
+import pytest
+
 from prune_lab.cli import main
 
 
@@ -31,3 +34,48 @@ def test_report_writes_figures_and_tables(tmp_path, capsys):
     assert '"sparsity": 0.8' in (out / "settings.json").read_text()
     assert main(["report", "--methods", "magnitude,lampp", "--out", str(out), "--no-progress"]) == 2
     assert "Did you mean 'lamp'" in capsys.readouterr().err
+
+
+SWEEP_YAML = """
+methods: [magnitude, lamp]
+sparsities: [0.5, 0.9]
+device: cpu
+"""
+
+
+def test_sweep_from_a_config_file_and_its_cache(tmp_path, capsys):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(SWEEP_YAML)
+    out, cache = tmp_path / "res" / "sweep.csv", tmp_path / "cache"
+    args = ["sweep", str(cfg), "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
+    assert main(args) == 0
+    assert "4 rows (4 points computed, 0 from the cache)" in capsys.readouterr().out
+    first = pd.read_csv(out)
+    assert list(first["method"]) == ["magnitude"] * 2 + ["lamp"] * 2 and first["accuracy"].between(0, 1).all()
+    assert main(args) == 0
+    assert "(0 points computed, 4 from the cache)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(out), first)
+
+
+def test_sweep_config_errors_name_the_problem(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("methods: [lamp]\nsparsity: [0.5]\n")
+    assert main(["sweep", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) 'sparsity'" in err and "sparsities" in err
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    cfg.write_text("methods: [lamp]\nsparsities: [1.5]\n")
+    assert main(["sweep", str(cfg), "--no-progress"]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_on_ray_from_the_command_line(tmp_path, ray_cluster, capsys):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(SWEEP_YAML + "backend: ray\n")
+    out, local = tmp_path / "ray.csv", tmp_path / "local.csv"
+    assert main(["sweep", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert "4 rows (4 points computed" in capsys.readouterr().out
+    assert main(["sweep", str(cfg), "--backend", "local", "--out", str(local), "--no-progress"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(local))

@@ -25,6 +25,7 @@ from ..engine.session import PruneSession as EngineSession
 from ..methods import get_method
 from ..training import evaluate, train
 from ..training import recalibrate_bn as recalibrate
+from .sweeps import ResultStore, SweepPoint, check_backend, compute_point, make_payload, run_local_pool, run_ray
 
 MODEL_ROW = "(model)"
 
@@ -53,6 +54,8 @@ class PruneSession(EngineSession):
 
     def __init__(self, model, data=None, **kw):
         super().__init__(model, data, **kw)
+        self._init_kw = dict(kw)  # sweep workers rebuild the session with these
+        self._points: dict = {}  # finished sweep points: content key → rows
         self._lock = threading.RLock()
         self._evals: dict = {}
         self._identities: dict = {}
@@ -117,6 +120,7 @@ class PruneSession(EngineSession):
         recal = bool(recalibrate_bn) and result is not None and self.has_batchnorm
         key = self._eval_key(result, data, {**kw, "recalibrate_bn": True} if recal else kw)
         hit = self._evals.get(key)
+        kw = {"device": self.device, **kw}  # on the session's device (copies of the weights when not already there)
         if hit is None and recal:
             model = copy.deepcopy(self.model)
             if result.weights is not None:
@@ -183,10 +187,38 @@ class PruneSession(EngineSession):
 
     @_locked
     def output_distortion(self, result: PruneResult, *, data=None, n: int = 256) -> dict:
-        """``{"output_distortion", "loss_change"}`` of ``result`` on a calibration batch of ``data``."""
+        """``{"output_distortion", "loss_change"}`` of ``result`` on a calibration batch of ``data``.
+
+        Token data (a causal LM): the relative distortion of the logits at the real tokens of each of ``n``
+        calibration sequences (mean over sequences), and the change of the mean next-token loss; run in batches of
+        the data's ``batch_size``, the dense logits kept between calls only when they are small (≤ 2²⁶ values)."""
+        from ..data import as_tokens
+        from ..training import next_token_stats
+
         data = self._data(data, "output distortion")
         x, y = self._calibration(data, n)
         key = (self.fingerprint, self._data_id(data), n)
+        tokens = as_tokens(data, split="train")
+        if tokens is not None:
+            cached, kept, overrides = self._dense_out.get(key), [], self._overrides(result)
+            per, nll_dense, nll_pruned, count = [], 0.0, 0.0, 0
+            for i, a in enumerate(range(0, x.shape[0], tokens.batch_size)):
+                ids, mask = x[a:a + tokens.batch_size], y[a:a + tokens.batch_size]
+                d = cached[i] if cached is not None else _forward(self.model, ids, None, mask)
+                p = _forward(self.model, ids, overrides, mask)
+                real = mask.bool().unsqueeze(-1)
+                per.append(((d - p) * real).flatten(1).norm(dim=1) /
+                           (d * real).flatten(1).norm(dim=1).clamp_min(1e-30))
+                nll, _, c = next_token_stats(d, ids, mask)
+                nll_dense, nll_pruned, count = nll_dense + float(nll), nll_pruned + float(
+                    next_token_stats(p, ids, mask)[0]), count + c
+                if kept is not None:
+                    kept.append(d)
+                    kept = kept if sum(t.numel() for t in kept) <= 2 ** 26 else None
+            if cached is None and kept is not None:
+                self._dense_out = {key: kept}
+            return {"output_distortion": float(torch.cat(per).mean()),
+                    "loss_change": (nll_pruned - nll_dense) / max(count, 1)}
         dense = self._dense_out.get(key)
         if dense is None:
             dense = _forward(self.model, x, None)
@@ -226,15 +258,21 @@ class PruneSession(EngineSession):
     # ------------------------------------------------------------------------------------------------------------
     @_locked
     def sweep(self, methods, sparsities, *, allocations=None, seeds=(0,), finetune: dict | None = None, data=None,
-              recalibrate_bn: bool = False, progress: bool = True, **hp) -> pd.DataFrame:
+              recalibrate_bn: bool = False, progress: bool = True, backend: str = "local", workers: int | None = None,
+              cache_dir=None, address: str | None = None, retries: int = 3, **hp) -> pd.DataFrame:
         """Accuracy and loss over methods × allocations × sparsities × seeds: a row per point with ``method,
         allocation, sparsity, seed, achieved_sparsity, accuracy, loss, finetuned`` (a second row per point with
         ``finetuned=True`` when ``finetune`` — keyword arguments of :func:`prune_lab.train`, e.g.
         ``{"epochs": 1}`` — is given). ``recalibrate_bn``: evaluate each pruned network after re-estimating its
-        BatchNorm statistics. Cached by content; an interrupted sweep returns what it finished (and keeps it
-        cached).
+        BatchNorm statistics. ``allocations``: ``None`` (each method's paper default), a name, or a list of names.
 
-        ``allocations``: ``None`` (each method's paper default), a name, or a list of names.
+        Every point is cached by content (weights fingerprint, data identity, the point's settings): in this
+        session, and with ``cache_dir`` in a folder (:class:`~prune_lab.analysis.sweeps.ResultStore`) that later
+        runs, other processes and other machines reuse. An interrupted sweep returns what it finished and keeps it.
+
+        ``backend``: ``"local"`` (this process; a process pool with ``workers`` > 1) or ``"ray"`` (a Ray task per
+        point on the cluster at ``address``, see :mod:`prune_lab.analysis.sweeps`; a task lost with its worker is
+        retried up to ``retries`` times). ``df.attrs`` tells ``computed`` and ``cached`` point counts.
         """
         methods = [methods] if isinstance(methods, str) else list(methods)
         if allocations is None or isinstance(allocations, str):
@@ -242,23 +280,48 @@ class PruneSession(EngineSession):
         sparsities = [check_sparsity(s) for s in sparsities]
         for m in methods:
             get_method(m)
+        workers = check_backend(backend, workers)
+        if backend == "ray" and workers != 1:
+            raise ValueError("workers applies to backend='local'; under Ray each point is a task using one CPU of "
+                             "the cluster.")
         data = self._data(data, "sweep")
-        points = [(m, a, s, seed) for m in methods for a in allocations for seed in seeds for s in sparsities]
-        rows = []
-        interrupted = False
-        bar = tqdm(points, desc="sweep", disable=not progress)
+        points = [SweepPoint.make(m, a, s, seed, finetune, hp, recalibrate_bn)
+                  for m in methods for a in allocations for seed in seeds for s in sparsities]
+        store = ResultStore(cache_dir) if cache_dir is not None else None
+        fingerprint, data_id = self.fingerprint, self._data_id(data)
+        keys = [p.key(fingerprint, data_id) for p in points]
+        todo = {}  # key → point, in order, once each
+        for p, k in zip(points, keys):
+            if k not in self._points and store is not None and (hit := store.get(k)) is not None:
+                self._points[k] = hit
+            if k not in self._points:
+                todo.setdefault(k, p)
+        cached = len(set(keys)) - len(todo)
+        computed, interrupted = 0, False
+        bar = tqdm(total=len(set(keys)), initial=cached, desc=f"sweep ({backend})", disable=not progress)
         try:
-            for method, alloc, s, seed in bar:
-                bar.set_postfix_str(f"{method} @ {s:g}")
-                rows.extend(self._sweep_point(method, alloc, s, seed, finetune, data, hp, recalibrate_bn))
+            if backend == "local" and workers == 1:
+                finished = ((p, *compute_point(self, p, data, store)) for p in todo.values())
+            else:
+                payload = make_payload(self, data)
+                finished = (run_ray(payload, list(todo.values()), store, address=address, retries=retries)
+                            if backend == "ray" else run_local_pool(payload, list(todo.values()), store, workers))
+            for p, rows, was_computed in finished:
+                self._points[p.key(fingerprint, data_id)] = rows
+                computed += bool(was_computed)
+                bar.set_postfix_str(p.label())
+                bar.update()
         except KeyboardInterrupt:
             interrupted = True
-            warnings.warn(f"sweep interrupted after {len(rows)} rows; finished points stay cached.", stacklevel=2)
+            warnings.warn(f"sweep interrupted after {computed} computed points; finished points stay cached.",
+                          stacklevel=2)
         finally:
             bar.close()
-        df = pd.DataFrame(rows, columns=["method", "allocation", "sparsity", "seed", "achieved_sparsity", "accuracy",
-                                         "loss", "finetuned"])
-        df.attrs["interrupted"] = interrupted
+        rows = [{**r, "seed": p.seed} for p, k in zip(points, keys) for r in self._points.get(k, [])]
+        columns = ["method", "allocation", "sparsity", "seed", "achieved_sparsity", "accuracy", "loss", "finetuned"]
+        columns += sorted({c for r in rows for c in r} - set(columns))  # e.g. perplexity for language models
+        df = pd.DataFrame(rows, columns=columns)
+        df.attrs.update(interrupted=interrupted, computed=computed, cached=cached)
         return df
 
     def _sweep_point(self, method, alloc, s, seed, finetune, data, hp, recalibrate_bn=False) -> list:
@@ -293,14 +356,20 @@ def _result_key(result: PruneResult | None):
             result.seed, result.pruned)
 
 
-def _forward(model, x, overrides) -> torch.Tensor:
+def _forward(model, x, overrides, mask=None) -> torch.Tensor:
+    """The model's output (the logits of a ``transformers`` output) as float32 on the CPU; ``mask``: the attention
+    mask of token ids ``x``."""
+    from ..models.hf import forward_kwargs, output_logits
+
     modes = [(m, m.training) for m in model.modules()]
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         model.eval()
         with torch.no_grad():
             x = x.to(dev)
-            return (torch.func.functional_call(model, overrides, (x,)) if overrides else model(x)).float().cpu()
+            kw = {} if mask is None else forward_kwargs(model, mask.to(dev))
+            out = torch.func.functional_call(model, overrides, (x,), kw) if overrides else model(x, **kw)
+            return output_logits(out).float().cpu()
     finally:
         for m, t in modes:
             m.training = t

@@ -198,8 +198,19 @@ def build_graph(model: nn.Module, *, include=None, exclude=None, example_inputs=
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to an execution-order chain
         graph = _trace_chain(model, weight_of, example_inputs, reason=f"{type(exc).__name__}: {exc}")
     for name, layer in list(graph.layers.items()):
-        prunable = (include is None or _matches(name, include)) and not _matches(name, exclude)
+        # a tied weight also answers to its module's name (a tied ``lm_head`` is ``embed_tokens.weight`` here)
+        aliases = (name, f"{layer.module}.weight") if layer.module else (name,)
+        prunable = (include is None or any(_matches(a, include) for a in aliases)) and \
+            not any(_matches(a, exclude) for a in aliases)
         graph.layers[name] = Layer(layer.name, layer.module, layer.kind, layer.shape, layer.groups, prunable)
+    conv1d = [n for n, m in model.named_modules()
+              if type(m).__name__ == "Conv1D" and type(m).__module__.split(".")[0] == "transformers"]
+    if conv1d:
+        note = (f"{len(conv1d)} transformers Conv1D layer(s) (GPT-2 family, weight (in, out); e.g. {conv1d[0]!r}) are "
+                f"not nn.Linear and are not pruned; convert them first with "
+                f"prune_lab.models.conv1d_to_linear(model)")
+        graph.notes.append(note)
+        warnings.warn(note, stacklevel=2)
     per_model[key] = graph
     return graph
 
@@ -419,8 +430,11 @@ def _trace_chain(model: nn.Module, weight_of: dict, example_inputs, *, reason: s
         nxt = names[i + 1] if i + 1 < len(names) else None
         producers[name].append(Link(prev, (), (), _flattened(layers, prev, name)))
         consumers[name].append(Link(nxt, (), (), _flattened(layers, name, nxt)))
+    if any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__):
+        reason = f"a transformers model; {reason}"
     note = (f"torch.fx could not trace this model ({reason}); layer order is {how} and each layer's neighbours are "
-            f"the layers before and after it (no BatchNorm factors, no residual joins)")
+            f"the layers before and after it (no BatchNorm factors, no residual joins): only graph-based scores "
+            f"(LAP and its variants, lookahead distortion) are affected")
     warnings.warn(note, stacklevel=3)
     return LayerGraph(layers, producers, consumers, False, [note])
 

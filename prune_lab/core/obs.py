@@ -24,7 +24,8 @@ from torch.func import functional_call, grad, vmap
 __all__ = [
     "per_sample_gradients", "EmpiricalFisher", "fisher_blocks", "obs_saliency", "woodfisher_update",
     "cbs_objective", "swap_terms", "cbs_update", "cbs_update_lagrangian", "random_magnitude_pruned",
-    "cbs_select", "CBSResult", "layer_inputs_hessian", "obs_layerwise", "obs_layerwise_saliency", "parse_nm",
+    "cbs_select", "CBSResult", "layer_inputs_hessian", "LayerHessians", "obs_layerwise", "obs_layerwise_saliency",
+    "parse_nm",
 ]
 
 _DT = torch.float64
@@ -586,17 +587,7 @@ def _conv_unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def layer_inputs_hessian(model: nn.Module, weights: dict, names: list, x: torch.Tensor, *,
-                         batch_size: int = 256) -> dict:
-    """``{name: H}`` with ``H = 2XᵀX / n`` (``(c, c)`` float64; c = in_features, or in·kh·kw for a Conv2d) from
-    the inputs each layer ``name`` sees on the batch ``x``, captured by forward pre-hooks that are always
-    removed. The model runs through ``functional_call`` with ``weights`` (eval mode; modes restored).
-
-    >>> net = nn.Sequential(nn.Linear(3, 2))
-    >>> tuple(layer_inputs_hessian(net, {"0.weight": net[0].weight.detach()}, ["0.weight"], torch.randn(4, 3))
-    ...       ["0.weight"].shape)
-    (3, 3)
-    """
+def _hessian_owners(model: nn.Module, names: list) -> dict:
     modules = dict(model.named_modules())
     owners = {}
     for n in names:
@@ -606,15 +597,25 @@ def layer_inputs_hessian(model: nn.Module, weights: dict, names: list, x: torch.
             raise ValueError(f"layerwise OBS supports nn.Linear and nn.Conv2d (groups=1) weights; {n!r} belongs "
                              f"to {type(mod).__name__}{'' if not isinstance(mod, nn.Conv2d) else ' with groups > 1'}.")
         owners[n] = mod
-    sums = {n: None for n in names}
-    counts = {n: 0 for n in names}
+    return owners
+
+
+def _hessian_columns(mod: nn.Module) -> int:
+    return mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels * math.prod(mod.kernel_size)
+
+
+def _capture_hessians(model: nn.Module, weights: dict, owners: dict, x: torch.Tensor, batch_size: int) -> dict:
+    """One pass of ``x`` through the model with forward pre-hooks on ``owners`` (``{name: module}``) only:
+    ``{name: 2XᵀX / n}``. The hooks are always removed and the modules' train/eval modes restored."""
+    sums = {n: None for n in owners}
+    counts = {n: 0 for n in owners}
 
     def make_hook(n, mod):
         def hook(_m, inputs):
             inp = inputs[0].detach().to(_DT)
             rows = _conv_unfold(mod, inp) if isinstance(mod, nn.Conv2d) else inp.reshape(-1, inp.shape[-1])
             h = rows.T @ rows
-            sums[n] = h if sums[n] is None else sums[n] + h
+            sums[n] = h if sums[n] is None else sums[n].add_(h)
             counts[n] += rows.shape[0]
         return hook
 
@@ -634,7 +635,96 @@ def layer_inputs_hessian(model: nn.Module, weights: dict, names: list, x: torch.
             h.remove()
         for m, training in modes:
             m.training = training
-    return {n: 2 * sums[n] / max(counts[n], 1) for n in names}
+    out = {}
+    for n in owners:
+        h = sums.pop(n)
+        if h is None:
+            c = _hessian_columns(owners[n])
+            h = torch.zeros(c, c, dtype=_DT, device=next(iter(weights.values())).device)
+        out[n] = h.mul_(2).div_(max(counts[n], 1))  # (2·XᵀX) / n, rounded as always
+    return out
+
+
+def layer_inputs_hessian(model: nn.Module, weights: dict, names: list, x: torch.Tensor, *,
+                         batch_size: int = 256) -> dict:
+    """``{name: H}`` with ``H = 2XᵀX / n`` (``(c, c)`` float64; c = in_features, or in·kh·kw for a Conv2d) from
+    the inputs each layer ``name`` sees on the batch ``x``, captured by forward pre-hooks that are always
+    removed. The model runs through ``functional_call`` with ``weights`` (eval mode; modes restored). Every
+    layer's Hessian at once, in one pass: :class:`LayerHessians` holds at most a memory budget of them.
+
+    >>> net = nn.Sequential(nn.Linear(3, 2))
+    >>> tuple(layer_inputs_hessian(net, {"0.weight": net[0].weight.detach()}, ["0.weight"], torch.randn(4, 3))
+    ...       ["0.weight"].shape)
+    (3, 3)
+    """
+    return _capture_hessians(model, weights, _hessian_owners(model, names), x, batch_size)
+
+
+class LayerHessians:
+    """The layer Hessians ``H = 2XᵀX / n`` of :func:`layer_inputs_hessian`, computed on demand and held within a
+    memory budget: a mapping ``{name: (c, c) float64}``.
+
+    ``H[name]`` returns the kept Hessian, or runs the calibration batch through the model once for ``name`` and
+    the layers after it (in ``names`` order, not yet kept) whose Hessians fit in what is left of ``max_bytes``,
+    keeps those that fit and returns ``name``'s. With the budget at least the sum of all Hessians this is one pass
+    for all (as :func:`layer_inputs_hessian`); with a budget of 0 nothing is kept, every access makes a pass for one
+    layer, and the caller that uses one layer's Hessian and drops it before asking for the next (layerwise OBS)
+    holds one Hessian at a time: peak memory bounded by the largest layer, not the sum, at the cost of one
+    forward pass of the calibration batch per layer. The class default ``max_bytes`` (1 GiB) can be changed on the
+    class or per instance.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> w = {k: v.detach() for k, v in net.named_parameters() if k.endswith("weight")}
+    >>> H = LayerHessians(net, w, ["0.weight", "2.weight"], torch.randn(8, 3), max_bytes=0)
+    >>> tuple(H["2.weight"].shape), len(H.kept)
+    ((4, 4), 0)
+    """
+
+    max_bytes = 1 << 30
+
+    def __init__(self, model: nn.Module, weights: dict, names: list, x: torch.Tensor, *, batch_size: int = 256,
+                 max_bytes: int | None = None):
+        self.model, self.weights, self.names, self.x = model, weights, list(names), x
+        self.batch_size = int(batch_size)
+        if max_bytes is not None:
+            self.max_bytes = int(max_bytes)
+        self.owners = _hessian_owners(model, self.names)
+        self.nbytes = {n: _hessian_columns(m) ** 2 * 8 for n, m in self.owners.items()}
+        self.kept: dict = {}
+        self.passes = 0  # forward passes of the calibration batch so far
+
+    def __len__(self):
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, name):
+        return name in self.owners
+
+    def keys(self):
+        return list(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        hit = self.kept.get(name)
+        if hit is not None:
+            return hit
+        if name not in self.owners:
+            raise KeyError(name)
+        free = self.max_bytes - sum(self.nbytes[n] for n in self.kept)
+        group, used = [name], self.nbytes[name]
+        for n in self.names[self.names.index(name) + 1:]:
+            if n not in self.kept and used + self.nbytes[n] <= free:
+                group.append(n)
+                used += self.nbytes[n]
+        got = _capture_hessians(self.model, self.weights, {n: self.owners[n] for n in group}, self.x,
+                                self.batch_size)
+        self.passes += 1
+        out = got.pop(name)
+        if self.nbytes[name] <= free:
+            self.kept[name] = out
+        self.kept.update(got)  # the others were taken only as far as they fit
+        return out
 
 
 def _damped_hessian(H: torch.Tensor, W: torch.Tensor, damp: float):

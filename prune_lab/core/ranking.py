@@ -1,17 +1,35 @@
 """Score once, threshold many: scores sorted once, after which any sparsity is a lookup.
 
 A :class:`Ranking` holds, for every layer, the order in which its weights are pruned (ascending score, ties broken
-by position: a stable sort), the cumulative sum of ``w²`` in that order (so the single-layer Frobenius distortion of
-pruning the k lowest is ``sqrt(csum[k])``), and the sorted scores as order-preserving int32 keys. "How many of each
-layer's weights fall among the K lowest scores of the whole model" is a bisection over the key space with one
-``searchsorted`` per layer and step: no global sort, no concatenation of all scores.
+by position: a stable sort), the cumulative sum of ``w²`` in that order sampled every ``block`` entries, and the
+sorted scores as order-preserving int32 keys, stored losslessly compressed (:class:`SortedKeys`). The single-layer
+Frobenius distortion of pruning the k lowest is ``sqrt(csum[k // block] + Σ w²`` of the rest of that block``)``, the
+rest (fewer than ``block`` weights) gathered from the weights through the order: exact up to float64 rounding.
+"How many of each layer's weights fall among the K lowest scores of the whole model" is a search of the key space:
+the threshold's upper 16 bits from a table of all layers' counts per upper half, its lower 16 bits four at a time
+in the layers holding keys of that upper half (one vectorised ``searchsorted`` each per step): no global sort, no
+concatenation of all scores.
 
-Memory per weight: 4 bytes of order (int32, on the session's device), 4 bytes of cumulative ``w²`` (float32, summed
-in float64) and 4 bytes of key (int32, host memory, where the bisection runs). Rankings that share an order (LAMP
-ranks weights in magnitude order) share the first two.
+Memory per weight (``Ranking.nbytes``; tests/core/test_ranking.py checks it):
+
+- order: 4 bytes (int32, on the session's device; int64 only in a layer of 2³¹ weights or more);
+- cumulative ``w²``: ``8 / block`` bytes (float64 every ``block = 256`` entries, on the device): 0.03 bytes;
+- keys, in host memory: sorted keys have non-decreasing upper 16 bits, so a layer keeps a table of how many keys
+  lie below each upper half in its range (4 bytes per upper half) and only the lower 16 bits per weight: 2 bytes
+  for float32 scores, 1 for float16 scores, none for bfloat16 scores (their lower bits are zero). A small layer
+  keeps plain int32 keys when that is smaller.
+
+A float32-score ranking therefore holds about 6 bytes per weight: 1.5× float32 weights, 3.0× bfloat16 weights; a
+bfloat16-score ranking (``|w|`` of bfloat16 weights, or any scores with ``score_dtype=torch.bfloat16``) about 4:
+2.0× bfloat16 weights. Rankings that share an order (LAMP ranks weights in magnitude order) share order and
+cumulative sums. The keys stay on the host on purpose: the bisection then runs without a single device
+synchronisation, whatever the device. The weights are referenced, not copied (the partial blocks are read from
+them): keep them unchanged while the ranking is used (the session fingerprints them and ranks again when they
+change).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,33 +42,359 @@ def ordered_int32(values: torch.Tensor) -> torch.Tensor:
     >>> ordered_int32(torch.tensor([-2.0, -0.5, 0.0, 1.5])).diff().gt(0).all().item()
     True
     """
-    v = values.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
+    # a buffer of our own (changed in place below); -0.0 + 0.0 == +0.0
+    v = torch.add(values, 0.0) if values.dtype == torch.float32 else values.to(torch.float32).add_(0.0)
     bits = v.view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    flip = bits >> 31  # -1 where negative, else 0
+    flip &= 0x7FFFFFFF
+    bits ^= flip  # negative floats: reverse their order below the positive ones
+    return bits
 
 
-@dataclass
+BLOCK = 256  # entries per stored sample of the cumulative w² (8 bytes per 256 weights)
+_CHUNK = 1 << 22  # entries per step when a layer is processed in pieces (bounds the temporaries)
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_KEY_NEG_INF = int(ordered_int32(torch.tensor([-float("inf")]))[0])
+_KEY_POS_INF = int(ordered_int32(torch.tensor([float("inf")]))[0])
+_LITTLE = sys.byteorder == "little"
+_NIBBLE = np.arange(16, dtype=np.int64)
+
+
+class SortedKeys:
+    """One layer's sorted int32 keys (non-decreasing, ``n`` of them), stored losslessly in host memory.
+
+    Sorted keys have non-decreasing upper 16 bits (``key >> 16``), so unless plain int32 keys are smaller, a table
+    ``starts[j]`` = number of keys whose upper half is below ``h0 + j`` replaces them, and the lower 16 bits are
+    kept per key, shifted right by the trailing zero bits they all share: 2 bytes per key for float32 scores, 1
+    for float16 scores, none for bfloat16 scores. :meth:`count_le` is then a table lookup plus a ``searchsorted``
+    inside one upper half.
+
+    >>> k = SortedKeys(np.arange(-3, 300_000, 3, dtype=np.int32))
+    >>> k.count_le(0), k.count_le(-4), k.count_le(10**9), np.array_equal(k.array(), np.arange(-3, 300_000, 3))
+    (2, 0, 100001, True)
+    """
+
+    __slots__ = ("n", "first", "last", "plain", "h0", "starts", "lo", "shift")
+
+    def __init__(self, keys: np.ndarray | None = None, *, composite: np.ndarray | None = None):
+        """``keys``: a sorted int32 array; or ``composite``: sorted int64 ``key << 32 | index`` (a sort's output,
+        read in place: no int32 copy of the keys)."""
+        lo16 = hi16 = None
+        if composite is not None:
+            if not _LITTLE:
+                keys = (composite >> 32).astype(np.int32)
+                composite = None
+            else:
+                lo16, hi16 = composite.view(np.uint16)[2::4], composite.view(np.int16)[3::4]
+        if keys is not None:
+            keys = np.asarray(keys)
+            if keys.dtype != np.int32 or keys.ndim != 1:
+                raise TypeError("SortedKeys needs a 1-d int32 array.")
+            if _LITTLE and keys.flags.c_contiguous:
+                halves = keys.view(np.uint16)
+                lo16, hi16 = halves[0::2], keys.view(np.int16)[1::2]
+            else:
+                lo16, hi16 = (keys & 0xFFFF).astype(np.uint16), (keys >> 16).astype(np.int16)
+        self.n = n = int(lo16.shape[0])
+        self.plain = self.starts = self.lo = None
+        self.h0, self.shift = 0, 0
+        if n == 0:
+            self.first = self.last = 0
+            self.plain = np.zeros(0, dtype=np.int32)
+            return
+        h0, h1 = int(hi16[0]), int(hi16[-1])
+        self.first = (h0 << 16) | int(lo16[0])
+        self.last = (h1 << 16) | int(lo16[-1])
+        span = h1 - h0 + 1
+        bits = int(np.bitwise_or.reduce(lo16))
+        shift = 16 if bits == 0 else (bits & -bits).bit_length() - 1  # trailing zeros shared by every lower half
+        lo_bytes = 0 if shift >= 16 else (1 if shift >= 8 else 2)
+        idx_dtype = np.int32 if n < 2**31 else np.int64
+        if np.dtype(idx_dtype).itemsize * (span + 1) + lo_bytes * n >= 4 * n:  # plain keys are smaller
+            if keys is not None and keys.flags.c_contiguous:
+                self.plain = keys
+            else:
+                self.plain = (hi16.astype(np.int32) << 16) | lo16.astype(np.int32)
+            return
+        starts = np.empty(span + 1, dtype=idx_dtype)
+        if composite is not None:  # key >= h << 16  ⟺  key << 32 | index >= h << 48
+            starts[:span] = np.searchsorted(composite, np.arange(h0, h1 + 1, dtype=np.int64) << 48, side="left")
+        else:
+            starts[:span] = np.searchsorted(np.ascontiguousarray(hi16), np.arange(h0, h1 + 1, dtype=np.int16),
+                                            side="left")
+        starts[span] = n
+        self.h0, self.starts, self.shift = h0, starts, (shift if lo_bytes == 1 else 0)
+        if lo_bytes == 2:
+            self.lo = np.ascontiguousarray(lo16)
+        elif lo_bytes == 1:
+            self.lo = (lo16 >> shift).astype(np.uint8)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.plain, self.starts, self.lo) if a is not None)
+
+    def count_le(self, v: int) -> int:
+        """Number of keys ``<= v`` (``v``: any int)."""
+        if self.plain is not None:
+            if v < _INT32_MIN:
+                return 0
+            return int(self.plain.searchsorted(np.int32(min(v, _INT32_MAX)), "right"))
+        j = (v >> 16) - self.h0
+        if j < 0:
+            return 0
+        starts = self.starts
+        if j >= starts.shape[0] - 1:
+            return self.n
+        a, b = int(starts[j]), int(starts[j + 1])
+        if self.lo is None or a == b:
+            return b
+        return a + int(self.lo[a:b].searchsorted(self.lo.dtype.type((v & 0xFFFF) >> self.shift), "right"))
+
+    def count_lt(self, v: int) -> int:
+        """Number of keys ``< v``."""
+        return self.count_le(v - 1)
+
+    def bucket(self, h: int) -> tuple:
+        """``(number of keys whose upper half is below h, … at most h)``."""
+        if self.plain is not None:
+            return self.count_le((h << 16) - 1), self.count_le((h << 16) | 0xFFFF)
+        j = h - self.h0
+        last = self.starts.shape[0] - 1
+        a = 0 if j < 0 else (self.n if j >= last else int(self.starts[j]))
+        b = 0 if j < 0 else (self.n if j + 1 >= last else int(self.starts[j + 1]))
+        return a, b
+
+    def add_upper_counts(self, table: np.ndarray, g0: int):
+        """``table[j] += number of keys whose upper half is at most g0 + j`` (``table`` covers this layer's upper
+        halves)."""
+        if not self.n:
+            return
+        h0, h1 = self.first >> 16, self.last >> 16
+        if self.plain is not None:
+            bounds = (np.arange(h0, h1 + 1, dtype=np.int64) << 16) | 0xFFFF
+            counts = np.searchsorted(self.plain.astype(np.int64), bounds, side="right")
+        else:
+            counts = self.starts[1:]
+        table[h0 - g0:h1 - g0 + 1] += counts
+        table[h1 - g0 + 1:] += self.n
+
+    def lower_segment(self, h: int):
+        """The keys whose upper half is ``h``: ``(a, b, seg, form)``, ``a`` / ``b`` the numbers of keys whose upper
+        half is below / at most ``h``, ``seg`` the sorted array to search for lower halves ``ls`` (int64) turned
+        into queries by :func:`_queries` with ``form`` (``seg`` is ``None`` when the count is ``b`` for every
+        lower half: no keys in the bucket, or no lower halves stored)."""
+        a, b = self.bucket(h)
+        if a == b or (self.plain is None and self.lo is None):
+            return a, b, None, None
+        if self.plain is not None:
+            return a, b, self.plain[a:b], ("plain", h << 16)
+        return a, b, self.lo[a:b], (self.shift, self.lo.dtype.char)
+
+    def array(self) -> np.ndarray:
+        """The keys as a plain int32 array (a copy; for tests and conversions)."""
+        if self.plain is not None:
+            return self.plain.copy()
+        hi = np.repeat(np.arange(self.h0, self.h0 + self.starts.shape[0] - 1, dtype=np.int64),
+                       np.diff(self.starts))
+        lo = np.zeros(self.n, dtype=np.int64) if self.lo is None else self.lo.astype(np.int64) << self.shift
+        return ((hi << 16) | lo).astype(np.int32)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Plain tensors and numbers (for ``torch.save`` with ``weights_only`` loading)."""
+        d = {"n": self.n, "first": self.first, "last": self.last, "h0": self.h0, "shift": self.shift}
+        if self.plain is not None:
+            d["plain"] = torch.from_numpy(self.plain)
+        else:
+            d["starts"] = torch.from_numpy(self.starts)
+            if self.lo is not None:
+                d["lo"] = torch.from_numpy(self.lo.view(np.int16) if self.lo.dtype == np.uint16 else self.lo)
+        return d
+
+    @classmethod
+    def from_state(cls, d: dict) -> "SortedKeys":
+        k = cls.__new__(cls)
+        k.n, k.first, k.last, k.h0, k.shift = (int(d[x]) for x in ("n", "first", "last", "h0", "shift"))
+        k.plain = d["plain"].numpy() if "plain" in d else None
+        k.starts = d["starts"].numpy() if "starts" in d else None
+        lo = d.get("lo")
+        k.lo = None if lo is None else (lo.numpy().view(np.uint16) if lo.dtype == torch.int16 else lo.numpy())
+        return k
+
+
+@dataclass(eq=False)
 class LayerRank:
-    """One layer's sorted scores: ``order: (n,)`` indices, lowest score first; ``csum: (n+1,)`` cumulative ``w²`` in
-    that order; ``keys: (n,)`` the sorted scores as int32 keys (host memory)."""
+    """One layer's sorted scores: ``order: (n,)`` indices, lowest score first (on the device); ``csum: (n // block
+    + 1,)`` float64, ``csum[j]`` = Σ ``w²`` of the ``j · block`` first weights in that order (on the device);
+    ``keys``: the sorted scores as :class:`SortedKeys` (host memory); ``weight``: the weights (referenced, not
+    copied; any layout); ``norm2``: ``‖W‖²`` (a host float)."""
 
     order: torch.Tensor
     csum: torch.Tensor
-    keys: np.ndarray
+    keys: SortedKeys
     shape: tuple
+    weight: torch.Tensor
+    norm2: float = 0.0
+    block: int = BLOCK
 
     @property
     def numel(self) -> int:
         return self.order.numel()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of order, cumulative sums and keys (the referenced weights not counted)."""
+        return self.order.numel() * self.order.element_size() + self.csum.numel() * 8 + self.keys.nbytes
 
-def _check_scores(name, s: torch.Tensor):
-    if s.is_floating_point() and torch.isnan(s).any():
-        raise ValueError(f"scores of layer {name!r} contain NaN; check the weights and data of that layer.")
+    def gather_weights(self, idx: torch.Tensor) -> torch.Tensor:
+        """The weights at flat (row-major) positions ``idx``, any layout of ``weight``."""
+        w = self.weight
+        if w.is_contiguous():
+            return w.reshape(-1)[idx]
+        return w[torch.unravel_index(idx.long(), tuple(w.shape))]
+
+    def _host_path(self) -> bool:
+        """Weights and order in host memory (contiguous weights): numpy reads them without torch's per-op cost."""
+        return self.weight.device.type == "cpu" and self.order.device.type == "cpu" and self.weight.is_contiguous()
+
+    def pruned_w2_one(self, c: int):
+        """``Σ w²`` of the ``c`` (< n) first weights in the order: a host float for a CPU ranking (numpy, a few
+        µs), else a 0-d float64 tensor on the device (no synchronisation)."""
+        b = self.block
+        j = c // b
+        seg = self.order[j * b: c]
+        w = self.weight
+        if self._host_path():
+            flat = self.__dict__.get("_flat_np")
+            if flat is None:
+                flat = w.reshape(-1).view(torch.int16).numpy() if w.dtype == torch.bfloat16 else \
+                    w.reshape(-1).numpy()
+                self.__dict__["_flat_np"] = flat
+            vals = flat[seg.numpy()]
+            if w.dtype == torch.bfloat16:  # bfloat16 = the upper half of a float32
+                vals = (vals.astype(np.int32) << 16).view(np.float32)
+            vals = vals.astype(np.float64)
+            return float(self.csum.numpy()[j]) + float(np.dot(vals, vals))
+        vals = self.gather_weights(seg).to(torch.float64)
+        return self.csum[j] + torch.dot(vals, vals)
+
+    def pruned_w2(self, counts: torch.Tensor) -> torch.Tensor:
+        """``Σ w²`` of the ``counts[p]`` first weights in the order, ``counts: (P,)`` int64 on the device →
+        ``(P,)`` float64: the stored block sum plus fewer than ``block`` weights gathered through the order."""
+        n, b = self.numel, self.block
+        if n == 0:
+            return torch.zeros(counts.shape, dtype=torch.float64, device=counts.device)
+        j = torch.div(counts, b, rounding_mode="floor")
+        pos = (j * b)[:, None] + torch.arange(b, device=counts.device)[None, :]
+        inside = pos < counts[:, None]
+        vals = self.gather_weights(self.order[pos.clamp_max_(n - 1)]).to(torch.float64)
+        return self.csum[j] + (vals * vals * inside).sum(1)
 
 
-def _keys(sorted_values: torch.Tensor) -> np.ndarray:
-    return ordered_int32(sorted_values).cpu().numpy()
+def _nan_error(name):
+    return ValueError(f"scores of layer {name!r} contain NaN; check the weights and data of that layer.")
+
+
+def _check_keys(name, keys: SortedKeys):
+    """NaN scores map to keys outside [key(-inf), key(+inf)]; sorted, they sit at either end."""
+    if keys.n and (keys.first < _KEY_NEG_INF or keys.last > _KEY_POS_INF):
+        raise _nan_error(name)
+
+
+def _flat_scores(s: torch.Tensor, score_dtype) -> torch.Tensor:
+    s = s.detach().reshape(-1)
+    if score_dtype is not None and s.is_floating_point() and s.dtype != score_dtype:
+        s = s.to(score_dtype)  # rounded to bfloat16: a coarser ranking, ties broken by position
+    return s
+
+
+def _sort_cpu(box: list):
+    """Stable argsort of the int32 keys in ``box`` (a one-element list, emptied) on the CPU as an in-place sort of
+    unique int64 ``key << 32 | index`` (numpy's vectorised sort: about 3× torch's stable sort, and no int64 index
+    array). Returns ``(order int32 tensor, SortedKeys)``."""
+    keys = box.pop()
+    n = keys.numel()
+    comp = np.empty(n, dtype=np.int64)
+    if _LITTLE:  # written as int32 halves: the key in the upper, the index in the lower
+        halves = comp.view(np.int32).reshape(n, 2)
+        halves[:, 1] = keys.numpy()
+        del keys
+        for a in range(0, n, _CHUNK):
+            halves[a:a + _CHUNK, 0] = np.arange(a, min(a + _CHUNK, n), dtype=np.int32)
+    else:
+        comp[:] = keys.numpy()
+        del keys
+        comp <<= 32
+        for a in range(0, n, _CHUNK):
+            comp[a:a + _CHUNK] |= np.arange(a, min(a + _CHUNK, n), dtype=np.int64)
+    comp.sort()  # unique values: the order of a stable sort of the keys
+    order = torch.from_numpy(np.ascontiguousarray(comp.view(np.int32)[0::2]) if _LITTLE else
+                             (comp & 0xFFFFFFFF).astype(np.int32))
+    return order, SortedKeys(composite=comp)
+
+
+def _sort_torch(box: list):
+    """Stable argsort of the int32 keys in ``box`` (a one-element list, emptied) with ``torch.sort`` where they
+    live (a GPU): the order stays there, the sorted keys come to the host once (compressed there). Returns
+    ``(order, SortedKeys)``."""
+    keys = box.pop()
+    n = keys.numel()
+    sorted_keys, idx = torch.sort(keys, stable=True)
+    del keys
+    order = idx.to(torch.int32) if n < 2**31 else idx
+    del idx
+    return order, SortedKeys(sorted_keys.cpu().numpy())
+
+
+def _block_sums(w: torch.Tensor, order: torch.Tensor, block: int):
+    """``(csum (n // block + 1,) float64, Σ w² (0-d float64))`` of ``w`` (flat) in ``order``, piece by piece."""
+    n = order.numel()
+    nb = n // block
+    sums = torch.empty(nb, dtype=torch.float64, device=order.device)
+    total = torch.zeros((), dtype=torch.float64, device=order.device)
+    step = max(block, (_CHUNK // block) * block)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        g = w.index_select(0, order[a:b]).to(torch.float64)
+        g.mul_(g)
+        full = (b - a) // block
+        if full:
+            sums[a // block: a // block + full] = g[: full * block].view(full, block).sum(1)
+        if full * block < b - a:
+            total += g[full * block:].sum()
+        del g
+    csum = torch.zeros(nb + 1, dtype=torch.float64, device=order.device)
+    torch.cumsum(sums, 0, out=csum[1:])
+    return csum, total + csum[-1]
+
+
+def _to_host(parts: list) -> np.ndarray:
+    """Concatenate 1-d tensors (on one device or several) into one float64 host array: one transfer per device."""
+    devices = {p.device for p in parts}
+    if len(devices) == 1:
+        return torch.cat(parts).cpu().numpy()
+    return np.concatenate([p.cpu().numpy() for p in parts])
+
+
+def _flat_weight(w: torch.Tensor) -> torch.Tensor:
+    w = w.detach()
+    return w.view(-1) if w.is_contiguous() else w.reshape(-1)
+
+
+def _queries(ls: np.ndarray):
+    """``form -> queries``: the lower halves ``ls`` (int64) as search values for a :meth:`SortedKeys.lower_segment`
+    of that form (plain int32 keys of an upper half, or lower halves shifted and narrowed), each form made once."""
+    made: dict = {}
+
+    def get(form):
+        q = made.get(form)
+        if q is None:
+            q = (form[1] | ls).astype(np.int32) if form[0] == "plain" else (ls >> form[0]).astype(form[1])
+            made[form] = q
+        return q
+
+    return get
 
 
 class Ranking:
@@ -70,36 +414,69 @@ class Ranking:
         self.sizes = np.asarray([layers[n].numel for n in self.names], dtype=np.int64)
         self.total = int(self.sizes.sum())
         self._keys = [layers[n].keys for n in self.names]
+        self._table = None  # (g0, counts): keys of all layers whose upper half is at most g0 + j (built lazily)
+
+    def _upper_table(self):
+        if self._table is None:
+            keys = [k_ for k_ in self._keys if k_.n]
+            g0, g1 = min(k_.first for k_ in keys) >> 16, max(k_.last for k_ in keys) >> 16
+            table = np.zeros(g1 - g0 + 1, dtype=np.int64)
+            for k_ in keys:
+                k_.add_upper_counts(table, g0)
+            self._table = (g0, table)
+        return self._table
 
     @classmethod
-    def from_scores(cls, names, scores: dict, weights: dict) -> "Ranking":
+    def from_scores(cls, names, scores: dict, weights: dict, *, score_dtype=None, consume: bool = False,
+                    block: int = BLOCK) -> "Ranking":
         """Sort ``scores`` (``{name: Tensor}``, any shape) layer by layer; ``weights`` of the same shapes give the
-        cumulative ``w²``."""
-        layers = {}
+        cumulative ``w²`` (and are referenced by the ranking). ``score_dtype``: ``None`` ranks the scores at their
+        own precision (float32 at most); ``torch.bfloat16`` rounds other float scores to bfloat16 first (keys of
+        no bytes per weight; the ranking of the rounded scores, ties broken by position). ``consume``: drop each
+        layer's scores from ``scores`` once ranked (the dict is emptied), so that the scores and the ranking are
+        never both held whole.
+
+        Layer after layer, the temporaries (keys, the sort's output, pieces of ``w²``) are freed before the next.
+        On the CPU the sort is numpy's in-place sort of ``key << 32 | index``, elsewhere ``torch.sort(stable)``.
+        """
+        layers, totals = {}, []
         for name in names:
-            s = scores[name].detach().reshape(-1)
-            _check_scores(name, s)
-            # Sorting the order-preserving int32 keys gives the same stable order as sorting the float scores,
-            # about twice as fast on the CPU, and the sorted keys are what the global bisection needs.
-            keys, order = torch.sort(ordered_int32(s), stable=True)
-            idx_dtype = torch.int32 if s.numel() < 2**31 else torch.int64
-            order = order.to(idx_dtype)
-            w2 = weights[name].detach().reshape(-1).index_select(0, order).to(torch.float64).pow(2)
-            csum = torch.zeros(w2.numel() + 1, dtype=torch.float64, device=w2.device)
-            torch.cumsum(w2, 0, out=csum[1:])
-            layers[name] = LayerRank(order, csum.to(torch.float32), keys.cpu().numpy(), tuple(scores[name].shape))
-            del w2, csum
+            s = _flat_scores(scores.pop(name) if consume else scores[name], score_dtype)
+            shape = tuple(weights[name].shape)
+            n = s.numel()
+            box = [ordered_int32(s)]  # handed over in a list: the sort frees the keys as soon as it has read them
+            del s
+            order, sk = (_sort_cpu if box[0].device.type == "cpu" and n < 2**31 else _sort_torch)(box)
+            _check_keys(name, sk)
+            w = weights[name].detach()
+            csum, total = _block_sums(_flat_weight(w), order, block)
+            layers[name] = LayerRank(order, csum, sk, shape, w, 0.0, block)
+            totals.append(total)
+        if totals:  # one transfer for every layer's ‖W‖²
+            for n, t in zip(names, torch.stack(totals).cpu().tolist()):
+                layers[n].norm2 = float(t)
         return cls(names, layers)
 
-    def with_sorted_values(self, values: dict) -> "Ranking":
+    def with_sorted_values(self, values: dict, *, score_dtype=None, consume: bool = False) -> "Ranking":
         """A ranking with the same orders (and cumulative sums, shared, not copied) and new sorted score values
-        ``{name: (n,) non-decreasing}``: for scores known to rank weights in this ranking's order (LAMP)."""
+        ``{name: (n,) non-decreasing}``: for scores known to rank weights in this ranking's order (LAMP).
+        ``score_dtype`` and ``consume`` as in :meth:`from_scores`."""
         layers = {}
         for n in self.names:
-            v = values[n].detach().reshape(-1)
-            _check_scores(n, v)
+            v = _flat_scores(values.pop(n) if consume else values[n], score_dtype)
+            keys = ordered_int32(v)
+            del v
+            host = keys.cpu().numpy()
+            del keys
+            if host.size and np.any(host[1:] < host[:-1]):
+                if host.min() < _KEY_NEG_INF or host.max() > _KEY_POS_INF:
+                    raise _nan_error(n)
+                raise ValueError(f"sorted values of layer {n!r} are not non-decreasing.")
+            sk = SortedKeys(host)
+            del host
+            _check_keys(n, sk)
             lr = self.layers[n]
-            layers[n] = LayerRank(lr.order, lr.csum, _keys(v), lr.shape)
+            layers[n] = LayerRank(lr.order, lr.csum, sk, lr.shape, lr.weight, lr.norm2, lr.block)
         return Ranking(self.names, layers)
 
     def subset(self, names) -> "Ranking":
@@ -108,37 +485,49 @@ class Ranking:
 
     # ------------------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held (orders, cumulative sums and keys; shared tensors counted in each ranking)."""
-        n = 0
-        for lr in self.layers.values():
-            n += lr.order.numel() * lr.order.element_size() + lr.csum.numel() * lr.csum.element_size()
-            n += lr.keys.nbytes
-        return n
-
-    def _count(self, v: np.int32, side: str) -> np.ndarray:
-        return np.fromiter((k.searchsorted(v, side) for k in self._keys), dtype=np.int64, count=len(self._keys))
+        """Bytes held (orders, cumulative sums, keys and, once built, the global count table; shared tensors
+        counted in each ranking; the referenced weights not counted)."""
+        return sum(lr.nbytes for lr in self.layers.values()) + (self._table[1].nbytes if self._table else 0)
 
     def global_counts(self, k: int) -> np.ndarray:
         """Per-layer number of weights among the ``k`` lowest scores of all layers (ties: earlier layer, then
-        earlier position, as a stable sort of the concatenated scores would give). ``O(#layers · log n)`` per
-        bisection step, 32 steps at most.
+        earlier position, as a stable sort of the concatenated scores would give). The threshold's upper key half
+        comes from one ``searchsorted`` in a table of all layers' counts per upper half (built on first use: 8
+        bytes per distinct upper half, at most 512 KiB), its lower half four bits at a time, each step one
+        vectorised ``searchsorted`` (16 candidates) per layer holding keys of that upper half; host memory only, no
+        device synchronisation.
         """
         k = int(k)
         if k <= 0:
             return np.zeros(len(self.names), dtype=np.int64)
         if k >= self.total:
             return self.sizes.copy()
-        keys = [k_ for k_ in self._keys if k_.size]
-        lo, hi = int(min(k_[0] for k_ in keys)), int(max(k_[-1] for k_ in keys))
-        while lo < hi:  # smallest key v with #(key <= v) >= k
-            mid = (lo + hi) // 2
-            q = np.int32(mid)
-            if sum(k_.searchsorted(q, "right") for k_ in keys) >= k:
-                hi = mid
+        g0, table = self._upper_table()
+        h = g0 + int(np.searchsorted(table, k, side="left"))  # smallest upper half h with #(upper <= h) >= k
+        segments = [k_.lower_segment(h) for k_ in self._keys]
+        # layers without keys in h's bucket (or without lower halves) count a constant; the others are searched
+        # inside the bucket's lower halves
+        const = sum(b for _, b, seg, _ in segments if seg is None)
+        active = [(a, seg, form) for a, _, seg, form in segments if seg is not None]
+        # the smallest lower half l with #(key <= h:l) >= k, four bits at a time: 16 candidates per layer and step
+        lo = 0
+        for shift in (12, 8, 4, 0):
+            queries = _queries((((lo << 4) | _NIBBLE) << shift) | ((1 << shift) - 1))
+            total = np.full(16, const + sum(a for a, _, _ in active), dtype=np.int64)
+            for _, seg, form in active:
+                total += seg.searchsorted(queries(form), "right")
+            lo = (lo << 4) | int(np.searchsorted(total, k, side="left"))
+        queries = _queries(np.array([lo - 1, lo] if lo else [0, 0], dtype=np.int64))
+        le, lt = [], []
+        for a, b, seg, form in segments:
+            if seg is None:  # keys < h:lo: below the bucket, plus (no lower halves stored: all are h:0) the bucket
+                le.append(b)
+                lt.append(a if lo == 0 else b)
             else:
-                lo = mid + 1
-        v = np.int32(lo)
-        le, lt = self._count(v, "right"), self._count(v, "left")
+                below, at = seg.searchsorted(queries(form), "right")
+                le.append(a + int(at))
+                lt.append(a + int(below) if lo else a)
+        le, lt = np.asarray(le, dtype=np.int64), np.asarray(lt, dtype=np.int64)
         eq = le - lt
         before = np.cumsum(eq) - eq
         take = np.clip(k - int(lt.sum()) - before, 0, eq)
@@ -147,35 +536,57 @@ class Ranking:
     def critical_count(self) -> int:
         """Number of weights scoring below ``t* = min over layers of the layer's highest score``: pruning more than
         this under a global threshold empties a layer (critical sparsity = this ÷ total)."""
-        keys = [k_ for k_ in self._keys if k_.size]
-        t = min(k_[-1] for k_ in keys)
-        return int(sum(k_.searchsorted(t, "left") for k_ in keys))
+        keys = [k_ for k_ in self._keys if k_.n]
+        t = min(k_.last for k_ in keys)
+        return int(sum(k_.count_lt(t) for k_ in keys))
 
     def frobenius(self, counts) -> np.ndarray:
-        """``‖W − M⊙W‖_F`` per layer when the ``counts[l]`` lowest-scoring weights of layer l are pruned."""
-        return np.sqrt(np.maximum([float(self.layers[n].csum[int(c)]) for n, c in zip(self.names, counts)], 0.0))
+        """``‖W − M⊙W‖_F`` per layer when the ``counts[l]`` lowest-scoring weights of layer l are pruned. Computed
+        where the ranking lives, with one transfer to the host for all layers."""
+        out = np.asarray([self.layers[n].norm2 for n in self.names], dtype=np.float64)
+        part = [(i, self.layers[n], int(c)) for i, (n, c) in enumerate(zip(self.names, counts))
+                if int(c) < self.layers[n].numel]
+        on_device = []
+        for i, lr, c in part:
+            v = lr.pruned_w2_one(c)
+            if isinstance(v, torch.Tensor):
+                on_device.append((i, v.reshape(1)))
+            else:
+                out[i] = v
+        if on_device:
+            out[[i for i, _ in on_device]] = _to_host([v for _, v in on_device])
+        return np.sqrt(np.maximum(out, 0.0))
 
     def weight_norms(self) -> np.ndarray:
-        """``‖W‖_F`` per layer."""
-        return self.frobenius(self.sizes)
+        """``‖W‖_F`` per layer (kept on the host: no device access)."""
+        return np.sqrt(np.asarray([self.layers[n].norm2 for n in self.names], dtype=np.float64))
 
     def frobenius_curve(self, counts) -> np.ndarray:
-        """Distortion for many count vectors at once: ``counts: (points, layers) → (points, layers)``."""
+        """Distortion for many count vectors at once: ``counts: (points, layers) → (points, layers)``; one transfer
+        to the host."""
         counts = np.asarray(counts, dtype=np.int64)
-        out = np.empty(counts.shape, dtype=np.float64)
+        if not self.names:
+            return np.zeros(counts.shape, dtype=np.float64)
+        cols = []
         for j, n in enumerate(self.names):
-            csum = self.layers[n].csum
-            idx = torch.as_tensor(counts[:, j], device=csum.device)
-            out[:, j] = csum[idx].double().clamp_min(0).sqrt().cpu().numpy()
-        return out
+            lr = self.layers[n]
+            cols.append(lr.pruned_w2(torch.as_tensor(np.minimum(counts[:, j], lr.numel), device=lr.order.device)))
+        return np.sqrt(np.maximum(_to_host(cols).reshape(len(cols), -1).T, 0.0)).reshape(counts.shape)
 
     def masks(self, counts, device=None) -> dict:
-        """``{name: BoolTensor}`` (True = kept) pruning the ``counts[l]`` lowest-scoring weights of each layer."""
+        """``{name: BoolTensor}`` (True = kept) pruning the ``counts[l]`` lowest-scoring weights of each layer,
+        built where the ranking lives (then moved to ``device`` if given)."""
         out = {}
         for n, c in zip(self.names, counts):
             lr = self.layers[n]
-            m = torch.ones(lr.numel, dtype=torch.bool, device=lr.order.device)
-            m.index_fill_(0, lr.order[: int(c)].long(), False)
+            c = int(c)
+            # scattered writes for the smaller side only (the kept weights at high sparsity), int64 indices a
+            # piece at a time
+            pruned_side = c <= lr.numel - c
+            m = torch.full((lr.numel,), pruned_side, dtype=torch.bool, device=lr.order.device)
+            a, b = (0, c) if pruned_side else (c, lr.numel)
+            for i in range(a, b, _CHUNK):
+                m.index_fill_(0, lr.order[i:min(i + _CHUNK, b)].long(), not pruned_side)
             m = m.reshape(lr.shape)
             out[n] = m.to(device) if device is not None else m
         return out

@@ -3,7 +3,9 @@ fast in-memory batch iterator ``iter_batches`` that training and evaluation use.
 
 Accepted ``data`` everywhere: a :class:`DataBundle` (the ``split`` is picked), a map-style ``Dataset`` yielding
 ``(x, y)``, a ``DataLoader`` (used as is), or an ``(inputs, targets)`` tuple of tensors (``inputs: (N, ...)``,
-``targets: (N,)`` integer class labels).
+``targets: (N,)`` integer class labels). Token ids for a causal LM come as a
+:class:`~prune_lab.data.tokens.TokenBatches` (or a bundle of two): their batches are ``(input_ids (B, L),
+attention_mask (B, L))``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from torch.utils.data._utils.collate import default_collate
 
 from .bundle import DataBundle, TensorImageDataset
+from .tokens import TokenBatches
 
 __all__ = ["as_loader", "calibration_batch", "data_identity", "iter_batches", "resolve_dataset"]
 
@@ -65,7 +68,9 @@ def resolve_dataset(data, *, split: str = "test", what: str = "data"):
     elif isinstance(data, Dataset):
         dataset = data
     else:
-        raise TypeError(f"{what} must be {_EXPECTED}; got {type(data).__name__}")
+        hint = ("; token ids of a language model: wrap them with prune_lab.data.tokens(ids)"
+                if isinstance(data, torch.Tensor) and not data.dtype.is_floating_point else "")
+        raise TypeError(f"{what} must be {_EXPECTED}; got {type(data).__name__}{hint}")
     if not isinstance(dataset, IterableDataset):
         try:
             n = len(dataset)
@@ -97,7 +102,7 @@ def as_loader(data, *, split: str = "test", batch_size: int = 256, shuffle: bool
 
 def _gather(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples ``indices`` of a map-style dataset as one batch, vectorised for in-memory datasets."""
-    if isinstance(dataset, TensorImageDataset):
+    if isinstance(dataset, (TensorImageDataset, TokenBatches)):
         return dataset.batch(indices)
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         x, y = dataset.tensors
@@ -144,7 +149,8 @@ def iter_batches(
 def calibration_batch(data, n: int = 256, *, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic batch of ``min(n, len)`` samples drawn without replacement (seeded), as ``(x, y)``:
     ``x: (n, C, H, W)`` float32, ``y: (n,)`` int64. For a ``DataLoader`` the samples come from its dataset
-    (or its first batches, for an iterable dataset).
+    (or its first batches, for an iterable dataset). For token data (:class:`TokenBatches`) the pair is
+    ``(input_ids (n, L), attention_mask (n, L))``, both int64.
 
     >>> from prune_lab.data import digits
     >>> x, y = calibration_batch(digits(), n=64)
@@ -182,6 +188,9 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
 def _hash_dataset(h, dataset, what: str) -> None:
     if isinstance(dataset, DataLoader):
         _hash_dataset(h, dataset.dataset, what)
+        return
+    if isinstance(dataset, TokenBatches):
+        h.update(f"TokenBatches|{dataset.identity()}|".encode())
         return
     if isinstance(dataset, TensorImageDataset):
         h.update(f"TensorImageDataset|{dataset.scale}|".encode())

@@ -2,8 +2,11 @@
 prunes at once instead of scoring again.
 
 What is saved: every cached :class:`~prune_lab.core.ranking.Ranking` (per layer: the pruning order, the cumulative
-``w²`` and the sorted score keys; tensors shared between rankings, as LAMP's and magnitude's, are stored once),
-keyed by method name, hyperparameters, seed, starting masks and the weights' fingerprint. Loading keeps only the
+``w²`` sampled every ``block`` entries, ``‖W‖²`` and the compressed sorted score keys; tensors shared between
+rankings, as LAMP's and magnitude's, are stored once; the weights are not saved: a ranking is loaded only where the
+fingerprint says the session's weights are those it was built on, and refers to them), keyed by method name,
+hyperparameters, seed, starting masks, the session's ``score_dtype`` and the weights' fingerprint. Files of format
+1 (full cumulative sums and plain int32 keys) are read and converted. Loading keeps only the
 entries whose fingerprint and layers match the session's current model: a cache saved before the weights changed is
 never used (stale entries are counted and skipped, not trusted). Cached masks of sparsity-dependent methods are not
 saved (they are recomputed on demand).
@@ -14,12 +17,14 @@ import os
 
 import torch
 
-from ..core.ranking import LayerRank, Ranking
+import numpy as np
+
+from ..core.ranking import BLOCK, LayerRank, Ranking, SortedKeys
 from ..methods.registry import get_method, list_methods
 from .result import plain, read_payload
 
 FORMAT = "prune_lab.SessionCache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 __all__ = ["load_cache", "save_cache"]
 
@@ -56,10 +61,12 @@ def save_cache(session, path) -> int:
         layers = {}
         for n in ranking.names:
             lr = ranking.layers[n]
-            layers[n] = {"order": lr.order.detach().cpu(), "csum": lr.csum.detach().cpu(),
-                         "keys": torch.from_numpy(lr.keys), "shape": tuple(lr.shape)}
+            layers[n] = {"order": lr.order.detach().cpu(), "csum": lr.csum.detach().cpu(), "block": int(lr.block),
+                         "norm2": float(lr.norm2), "keys": lr.keys.state(), "shape": tuple(lr.shape)}
         entries.append({"method": method, "hyperparameters": list(hp), "seed": seed, "start_key": start_key,
-                        "fingerprint": fingerprint, "names": list(ranking.names), "layers": layers})
+                        "fingerprint": fingerprint, "names": list(ranking.names), "layers": layers,
+                        "score_dtype": str(session.score_dtype).replace("torch.", "")
+                        if session.score_dtype is not None else None})
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
                "layer_names": list(session.layer_names), "entries": entries}
     torch.save(payload, os.fspath(path))
@@ -81,8 +88,10 @@ def load_cache(session, path) -> int:
     """
     payload = read_payload(path, FORMAT, FORMAT_VERSION, what="a saved session cache",
                            how="save_cache(session, path)")
-    fingerprint = session.fingerprint
+    state = session._snapshot()
+    fingerprint = state.fingerprint
     device = session.device
+    score_dtype = str(session.score_dtype).replace("torch.", "") if session.score_dtype is not None else None
     loaded = 0
     shared: dict = {}  # id of a saved tensor -> its copy on the session's device (keeps LAMP/magnitude sharing)
 
@@ -95,13 +104,22 @@ def load_cache(session, path) -> int:
     for e in payload["entries"]:
         if e["fingerprint"] != fingerprint or list(e["names"]) != list(session.layer_names):
             continue
+        if e.get("score_dtype") != score_dtype:  # ranked at another precision
+            continue
         if e["method"] not in list_methods():
             continue
         spec = get_method(e["method"])
         layers = {}
         for n in e["names"]:
             d = e["layers"][n]
-            layers[n] = LayerRank(to_device(d["order"]), to_device(d["csum"]), d["keys"].numpy(), tuple(d["shape"]))
+            if isinstance(d["keys"], torch.Tensor):  # format 1: plain int32 keys, the full float32 cumulative sum
+                csum = d["csum"].to(torch.float64)
+                keys = SortedKeys(d["keys"].numpy().astype(np.int32, copy=False))
+                d = dict(d, csum=csum[::BLOCK].contiguous(), block=BLOCK, norm2=float(csum[-1]))
+            else:
+                keys = SortedKeys.from_state(d["keys"])
+            layers[n] = LayerRank(to_device(d["order"]), to_device(d["csum"]), keys, tuple(d["shape"]),
+                                  state.weights[n], float(d["norm2"]), int(d["block"]))
         key = (spec.scores, tuple(tuple(item) for item in e["hyperparameters"]), e["seed"], e["start_key"],
                e["fingerprint"])
         session._remember(session._rankings, key, Ranking(e["names"], layers))

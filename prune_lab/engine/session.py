@@ -14,6 +14,7 @@ fingerprint and scores again. A change through ``.data`` of only a few entries c
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -34,6 +35,15 @@ from .result import PruneResult
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
+def _score_dtype(value):
+    """``None`` / float32: the scores' own precision; bfloat16: rounded to bfloat16."""
+    if value is None or value in ("float32", torch.float32):
+        return None
+    if value in ("bfloat16", torch.bfloat16):
+        return torch.bfloat16
+    raise ValueError(f"score_dtype must be None, 'float32' or 'bfloat16', got {value!r}.")
+
+
 @dataclass
 class _State:
     token: tuple
@@ -42,13 +52,46 @@ class _State:
     scales: dict  # BatchNorm factors
 
 
+def _host_cat(parts: list) -> np.ndarray:
+    """1-d tensors concatenated on the host: one transfer per device (not one per tensor)."""
+    if not parts:
+        return np.zeros(0)
+    by_device: dict = {}
+    for i, t in enumerate(parts):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.cat(parts).cpu().numpy()
+    host = [None] * len(parts)
+    for idx in by_device.values():
+        joined = torch.cat([parts[i] for i in idx]).cpu()
+        a = 0
+        for i in idx:
+            host[i] = joined[a:a + parts[i].numel()]
+            a += parts[i].numel()
+    return torch.cat(host).numpy()
+
+
+def _pruned_counts(masks: dict, names) -> np.ndarray:
+    """Per layer, how many entries of the bool masks are False: one transfer."""
+    return _host_cat([(~masks[n]).sum().reshape(1) for n in names]).astype(np.int64)
+
+
 class PruneSession:
     """Prune one model many times, fast.
 
     ``model``: any ``nn.Module`` (never modified); ``data``: a prune_lab data bundle, a DataLoader or an
     ``(inputs, targets)`` batch, for methods that need data and for :meth:`evaluate`; ``device``: ``"auto"`` (CUDA
     when present), ``"cpu"``, ``"cuda"``; ``include`` / ``exclude``: glob patterns on weight names narrowing the
-    prunable set.
+    prunable set; ``score_dtype``: ``None`` (default) ranks every method's scores at their own precision (float32
+    at most; ``|w|`` of bfloat16 weights stays bfloat16), ``torch.bfloat16`` (or ``"bfloat16"``) rounds every
+    method's scores to bfloat16 first: a coarser ranking (ties broken by position) whose keys take no memory per
+    weight.
+
+    Device: with ``device="cuda"`` the weights' copies, scores, orders, cumulative sums and masks stay on the GPU
+    and :meth:`evaluate` runs there; the sorted score keys alone live in host memory, so a sparsity change (the
+    bisection) needs no device synchronisation: a warm :meth:`prune` makes two transfers in all (the weights'
+    64-entry change check and every layer's distortion), never one per layer. The first call on new weights reads
+    them once on the host (the fingerprint).
 
     >>> import torch, prune_lab as pl
     >>> s = pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
@@ -56,7 +99,8 @@ class PruneSession:
     [0.5, 0.9]
 
     Memory: the session keeps at most ``max_cached`` rankings (one per method × hyperparameters × seed × starting
-    masks, 12 bytes per prunable weight each, see :mod:`prune_lab.core.ranking`) and at most ``max_cached`` mask
+    masks; about 6 bytes per prunable weight each for float32 scores, 4 for bfloat16 scores, and LAMP adds only its
+    keys to magnitude's ranking: see :mod:`prune_lab.core.ranking`) and at most ``max_cached`` mask
     sets of sparsity-dependent methods, each cache evicting its least recently used entry first. Set
     ``session.max_cached`` (class default 32) lower for big models; :meth:`cache_nbytes` tells what is held and
     :meth:`clear_cache` frees it. :meth:`save_cache` / :meth:`load_cache` keep the rankings across restarts.
@@ -67,12 +111,13 @@ class PruneSession:
 
     max_cached = 32
 
-    def __init__(self, model: nn.Module, data=None, *, device="auto", include=None, exclude=None):
+    def __init__(self, model: nn.Module, data=None, *, device="auto", include=None, exclude=None, score_dtype=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.data = data
         self.device = resolve_device(device)
+        self.score_dtype = _score_dtype(score_dtype)
         self.graph = build_graph(model, include=include, exclude=exclude)
         self.layer_names = list(self.graph.prunable)
         if not self.layer_names:
@@ -162,13 +207,18 @@ class PruneSession:
         h = hashlib.blake2b(digest_size=16)
         for n, p in self._params.items():
             w = p.detach()
-            if not torch.isfinite(w).all():
-                bad = "NaN" if torch.isnan(w).any() else "Inf"
+            # The fingerprint reads every weight once on the host (one copy per layer for a GPU model, none on
+            # the CPU); the finiteness check runs on that host copy: no device synchronisation of its own.
+            host = w.cpu()
+            # a float64 sum is finite exactly when every entry is (float32/16 values cannot overflow it): one pass
+            # without a temporary; the exact test only to name the problem
+            if not math.isfinite(float(host.sum(dtype=torch.float64))) and not torch.isfinite(host).all():
+                bad = "NaN" if torch.isnan(host).any() else "Inf"
                 raise ValueError(f"weight {n!r} contains {bad} values; prune_lab cannot rank them. Fix or "
                                  f"re-initialise that layer first.")
             h.update(n.encode())
-            h.update(w.cpu().contiguous().numpy().tobytes() if w.dtype != torch.bfloat16 else
-                     w.float().cpu().numpy().tobytes())
+            h.update(host.contiguous().numpy() if host.dtype != torch.bfloat16 else host.float().numpy())
+            del host
             weights[n] = w.to(self.device)
         scales = {k: v.to(self.device) for k, v in bn_scales(self.model, self._bn).items()}
         for k in sorted(scales):
@@ -210,9 +260,14 @@ class PruneSession:
         if masks is None:
             return ""
         h = hashlib.blake2b(digest_size=16)
-        for n in sorted(masks):
+        names = sorted(masks)
+        flat = _host_cat([masks[n].reshape(-1) for n in names])  # one transfer for all layers
+        a = 0
+        for n in names:
+            size = masks[n].numel()
             h.update(n.encode())
-            h.update(np.packbits(masks[n].cpu().numpy().reshape(-1)).tobytes())
+            h.update(np.packbits(flat[a:a + size]).tobytes())
+            a += size
         return h.hexdigest()
 
     def _context(self, state: _State, seed: int, start: dict | None) -> ScoreContext:
@@ -266,12 +321,14 @@ class PruneSession:
             orders = {n: base.layers[n].order for n in self.layer_names}
             values = spec.sorted_values(self._context(state, seed, start), hp, orders)
             if start is not None:  # already-pruned weights lead the base order: keep them first
-                for n, v in values.items():
-                    v[: int((~start[n]).sum())] = float("-inf")
-            ranking = base.with_sorted_values(values)
+                for n, c in zip(self.layer_names, _pruned_counts(start, self.layer_names)):
+                    values[n][: int(c)] = float("-inf")
+            ranking = base.with_sorted_values(values, score_dtype=self.score_dtype, consume=True)
         else:
             scores = self._raw_scores(spec, hp, seed, start, state)
-            ranking = Ranking.from_scores(self.layer_names, scores, state.weights)
+            # consume: each layer's scores are dropped once ranked, so scores and ranking are never both whole
+            ranking = Ranking.from_scores(self.layer_names, scores, state.weights, score_dtype=self.score_dtype,
+                                          consume=True)
         self._remember(self._rankings, key, ranking)
         return ranking
 
@@ -290,14 +347,15 @@ class PruneSession:
     def cache_nbytes(self) -> int:
         """Bytes held by the cached rankings and masks (tensors shared between rankings counted once)."""
         seen, n = set(), 0
-        arrays = [(lr.order, lr.csum, lr.keys) for r in self._rankings.values() for lr in r.layers.values()]
-        arrays += [(m,) for masks in self._masks.values() for m in masks.values()]
-        for group in arrays:
-            for a in group:
-                ptr = a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data
-                if ptr not in seen:
-                    seen.add(ptr)
-                    n += a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
+        arrays = [a for r in self._rankings.values() for lr in r.layers.values()
+                  for a in (lr.order, lr.csum, lr.keys.plain, lr.keys.starts, lr.keys.lo) if a is not None]
+        arrays += [m for built in self._masks.values() for part in built if part is not None for m in part.values()]
+        for a in arrays:
+            ptr = (a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data, a.device.type
+                   if isinstance(a, torch.Tensor) else "host")
+            if ptr not in seen:
+                seen.add(ptr)
+                n += a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
         return n
 
     def clear_cache(self):
@@ -350,7 +408,7 @@ class PruneSession:
 
         counts = self._allocate(alloc, s, ranking, lamp_ranking, overrides)
         if start is not None:
-            already = np.asarray([int((~start[n]).sum()) for n in self.layer_names])
+            already = _pruned_counts(start, self.layer_names)
             short = np.nonzero(counts < already)[0]
             if short.size:
                 n = self.layer_names[short[0]]
@@ -385,12 +443,16 @@ class PruneSession:
                 built = (built, new_weights)
                 self._remember(self._masks, key, built)
             kept, new_weights = built
-            common["pruned"] = tuple(int((~kept[n]).sum()) for n in self.layer_names)  # what the masks really prune
-            frob = {}
+            # what the masks really prune, and the distortion: computed on the device, one transfer for all layers
+            parts = []
             for n in self.layer_names:
                 w = state.weights[n].float()
                 after = (new_weights[n].to(w.device).float() if new_weights is not None else w) * kept[n]
-                frob[n] = float((w - after).pow(2).sum().sqrt())
+                parts.append(torch.stack([(~kept[n]).sum().to(torch.float64),
+                                          (w - after).pow(2).sum().sqrt().to(torch.float64)]))
+            host = _host_cat(parts).reshape(-1, 2)
+            common["pruned"] = tuple(int(c) for c in host[:, 0])
+            frob = dict(zip(self.layer_names, host[:, 1].tolist()))
             if new_weights is not None:
                 common["hyperparameters"] = {**common["hyperparameters"], "update": update}
             if overrides:
@@ -464,6 +526,7 @@ class PruneSession:
         data = data if data is not None else self.data
         if data is None:
             raise ValueError("evaluate needs data: pass data=... here or when creating the session.")
+        kw.setdefault("device", self.device)  # on the session's device (a copy of the weights there if needed)
         if result is None:
             return evaluate(self.model, data, **kw)
         return evaluate(self.model, data, masks=result.masks, weights=result.weights, **kw)

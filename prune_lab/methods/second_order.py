@@ -294,14 +294,16 @@ def cbs_u_update(ctx, masks: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ layerwise OBS
-def _hessians(ctx, hp) -> dict:
+def _hessians(ctx, hp) -> O.LayerHessians:
+    """The layer Hessians, computed on demand and kept within ``O.LayerHessians.max_bytes`` (beyond it, one layer
+    at a time: the callers below use one layer's Hessian and drop it before asking for the next)."""
     _require_data(ctx, "layerwise OBS")
     key = ("second_order.layer_hessians", _data_id(ctx), int(hp.n_samples), ctx.seed, _masks_key(ctx),
            tuple(ctx.prunable))
     hit = ctx.cache.get(key)
     if hit is None:
         x, _ = _batch(ctx, hp.n_samples)
-        hit = O.layer_inputs_hessian(ctx.model, ctx.weights, ctx.prunable, x)
+        hit = O.LayerHessians(ctx.model, ctx.weights, ctx.prunable, x)
         ctx.cache[key] = hit
     return hit
 

@@ -12,10 +12,11 @@ from .mlp import MLP, ffnn, fcn, lenet_300_100, mlpnet
 from .conv import VGG, Conv6, conv6, vgg16_cifar
 from .resnet import BasicBlock, CifarResNet, PadShortcut, resnet18_cifar, resnet20_cifar
 from .stable import StableBlock, StableResNet, plain_resnet, stable_resnet
+from .hf import causal_lm_exclude, conv1d_to_linear
 
 __all__ = [
     "ModelInfo", "create", "create_for", "list_models", "model_info", "register_model", "shape_kwargs",
     "MLP", "Conv6", "VGG", "CifarResNet", "BasicBlock", "PadShortcut",
     "mlpnet", "fcn", "lenet_300_100", "ffnn", "conv6", "vgg16_cifar", "resnet20_cifar", "resnet18_cifar",
-    "StableBlock", "StableResNet", "plain_resnet", "stable_resnet",
+    "StableBlock", "StableResNet", "plain_resnet", "stable_resnet", "causal_lm_exclude", "conv1d_to_linear",
 ]

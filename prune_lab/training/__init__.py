@@ -6,10 +6,11 @@
 >>> 0.0 <= training.evaluate(net, bundle)["accuracy"] <= 1.0
 True
 """
-from .loop import OPTIMIZERS, check_masks, evaluate, recalibrate_bn, resolve_device, train
+from .loop import (OPTIMIZERS, check_masks, evaluate, next_token_stats, perplexity, recalibrate_bn, resolve_device,
+                   train)
 from .checkpoints import DEFAULT_RECIPE, RECIPES, checkpoint_path, default_cache_dir, pretrained, recipe
 
 __all__ = [
-    "train", "evaluate", "recalibrate_bn", "pretrained", "check_masks", "resolve_device",
+    "train", "evaluate", "perplexity", "next_token_stats", "recalibrate_bn", "pretrained", "check_masks", "resolve_device",
     "recipe", "RECIPES", "DEFAULT_RECIPE", "OPTIMIZERS", "checkpoint_path", "default_cache_dir",
 ]

@@ -5,6 +5,7 @@ A mask set is a dict ``{parameter name: bool tensor of the parameter's shape}`` 
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from typing import Callable, Mapping
 
@@ -14,9 +15,11 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.device import resolve_device
-from ..data import iter_batches, resolve_dataset
+from ..data import as_tokens, iter_batches, resolve_dataset
+from ..models.hf import forward_kwargs, output_logits, vocab_size
 
-__all__ = ["OPTIMIZERS", "resolve_device", "check_masks", "train", "evaluate", "recalibrate_bn"]
+__all__ = ["OPTIMIZERS", "resolve_device", "check_masks", "train", "evaluate", "perplexity", "next_token_stats",
+           "recalibrate_bn"]
 
 #: optimizer name → (class, default learning rate, extra constructor arguments)
 OPTIMIZERS: dict[str, tuple[type, float, dict]] = {
@@ -104,7 +107,9 @@ def train(
 
     Args:
         model: any classifier mapping ``(B, C, H, W)`` (or the shape of ``data``) to logits ``(B, num_classes)``.
-            It is moved to ``device``; its train/eval modes are restored at the end.
+            It is moved to ``device``; its train/eval modes are restored at the end. With token data
+            (:func:`prune_lab.data.tokens`) a causal LM, trained on the mean next-token loss of the real tokens
+            (``batch_size`` defaults to the token data's).
         data: a ``DataBundle`` (its ``train`` split), a ``Dataset``, a ``DataLoader`` (used as is, with its own
             shuffling) or an ``(inputs, targets)`` tuple of tensors.
         epochs, steps: how long to train; give at most one (default: 1 epoch). ``steps`` counts optimizer steps.
@@ -144,7 +149,9 @@ def train(
     lr = default_lr if lr is None else float(lr)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    tokens = as_tokens(data, split="train")
+    if batch_size is None:
+        batch_size = tokens.batch_size if tokens is not None else DEFAULT_BATCH_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if weight_decay < 0:
@@ -194,7 +201,11 @@ def train(
                     x = x.to(dev, non_blocking=True)
                     y = y.to(dev, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(_run(model, {}, x, first=step == 0 and seen == 1), y)
+                    if tokens is not None:  # y: the attention mask
+                        nll, _, count = next_token_stats(output_logits(model(x, **forward_kwargs(model, y))), x, y)
+                        loss = nll / max(count, 1)
+                    else:
+                        loss = F.cross_entropy(_run(model, {}, x, first=step == 0 and seen == 1), y)
                     loss.backward()
                     for p, pruned in masked:
                         if p.grad is not None:
@@ -254,7 +265,8 @@ def _overrides(model: nn.Module, masks: dict[str, torch.Tensor], dev: torch.devi
 def _run(model: nn.Module, overrides: dict, x: torch.Tensor, first: bool) -> torch.Tensor:
     """One forward pass; the first one turns a shape mismatch into a clear error about the data."""
     if first and not x.is_floating_point():
-        raise TypeError(f"data: inputs must be floating point, got dtype {x.dtype}.")
+        raise TypeError(f"data: inputs must be floating point, got dtype {x.dtype}; token ids of a language model: "
+                        f"wrap them with prune_lab.data.tokens(ids).")
     try:
         return functional_call(model, overrides, (x,)) if overrides else model(x)
     except RuntimeError as exc:
@@ -264,10 +276,57 @@ def _run(model: nn.Module, overrides: dict, x: torch.Tensor, first: bool) -> tor
                          f"{x.dtype}: {exc}") from exc
 
 
-def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto", batch_size: int = 512
+def next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(nll_sum float64, correct int64, n_predicted)`` of a causal LM's next-token predictions:
+    ``logits[:, :-1]`` against ``ids[:, 1:]``, counting the positions where both the input and the target token are
+    real (``mask`` 1; padding excluded). ``logits: (B, L, V)``, ``ids``, ``mask: (B, L)``.
+
+    >>> nll, correct, n = next_token_stats(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]))
+    >>> round(float(nll) / n, 4), n   # uniform over 4 tokens: log 4
+    (1.3863, 2)
+    """
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise ValueError(f"a causal LM must return logits (batch, seq_len, vocab) = {tuple(ids.shape)} + (V,); got "
+                         f"{tuple(logits.shape)}.")
+    pred, target = logits[:, :-1].float(), ids[:, 1:]
+    valid = torch.ones_like(target, dtype=torch.bool) if mask is None else (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    valid = valid.reshape(-1)
+    correct = ((pred.argmax(-1).reshape(-1) == target.reshape(-1)) & valid).sum()
+    return (nll * valid).sum(dtype=torch.float64), correct, int(valid.sum())
+
+
+def _evaluate_tokens(model, tokens, overrides, dev, batch_size) -> dict[str, float]:
+    """Next-token loss, perplexity and top-1 accuracy over every real token of ``tokens`` (see :func:`evaluate`)."""
+    tokens.check_vocab(vocab_size(model))
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    n = 0
+    for ids, mask in tokens.batches(batch_size):
+        ids, mask = ids.to(dev), mask.to(dev)
+        kw = forward_kwargs(model, mask)
+        out = functional_call(model, overrides, (ids,), kw) if overrides else model(ids, **kw)
+        a, b, c = next_token_stats(output_logits(out), ids, mask)
+        nll += a
+        correct += b
+        n += c
+    if n == 0:
+        raise ValueError("data: no next-token prediction to evaluate (every sequence has fewer than 2 real tokens)")
+    loss = float(nll) / n
+    return {"accuracy": int(correct) / n, "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto", batch_size: int | None = None
              ) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on the test split of ``data`` (or the given dataset / loader /
     ``(inputs, targets)`` tuple), in eval mode and without gradients.
+
+    Token data (:func:`prune_lab.data.tokens`, or a bundle of them) evaluates a causal LM instead: the next-token
+    loss over every real token (``logits[:, :-1]`` vs ``ids[:, 1:]``, padding excluded, mean over tokens) and
+    ``{"loss", "perplexity": exp(loss), "accuracy": next-token top-1 accuracy}``. The model may return a tensor
+    ``(B, L, V)``, an output with ``.logits`` (``transformers``) or a tuple starting with the logits.
+    ``batch_size``: samples (default 512) or sequences (default: the token data's ``batch_size``) per pass.
 
     The model is neither modified nor copied: masked weights are applied through
     ``torch.func.functional_call(model, {name: w * m, ...}, x)``, and every submodule's train/eval mode is restored.
@@ -275,7 +334,7 @@ def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto",
     ``masks`` are given. ``device="auto"`` evaluates where the model lives; another device runs on copies.
 
     Returns:
-        ``{"accuracy": float in [0, 1], "loss": float}``.
+        ``{"accuracy": float in [0, 1], "loss": float}`` (``"perplexity"`` too for token data).
 
     >>> from prune_lab import models, data
     >>> sorted(evaluate(models.create("mlpnet", in_features=64), data.digits()))
@@ -287,6 +346,16 @@ def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto",
     dev = _model_device(model) if (device is None or device == "auto") else resolve_device(device)
     masks = check_masks(model, masks, device=dev)
     overrides = _overrides(model, masks, dev, weights)
+    tokens = as_tokens(data, split="test")
+    if tokens is not None:
+        modes = _save_modes(model)
+        try:
+            model.eval()
+            with torch.no_grad():
+                return _evaluate_tokens(model, tokens, overrides, dev, batch_size)
+        finally:
+            _restore_modes(modes)
+    batch_size = 512 if batch_size is None else batch_size
     modes = _save_modes(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -305,6 +374,23 @@ def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto",
     if n == 0:
         raise ValueError("data yielded no evaluation samples")
     return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}
+
+
+def perplexity(model: nn.Module, tokens, *, masks=None, weights=None, device="auto", batch_size: int | None = None
+               ) -> float:
+    """Perplexity ``exp(mean next-token NLL)`` of a causal LM on ``tokens`` (a :class:`~prune_lab.data.TokenBatches`,
+    a bundle of them, or anything :func:`prune_lab.data.tokens` accepts), with ``masks`` / ``weights`` applied
+    through ``functional_call`` (the model is not modified). See :func:`evaluate`.
+
+    >>> lm = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    >>> perplexity(lm, torch.randint(0, 16, (4, 10))) > 1.0
+    True
+    """
+    if as_tokens(tokens, split="test") is None:
+        from ..data import tokens as wrap
+
+        tokens = wrap(tokens)
+    return evaluate(model, tokens, masks=masks, weights=weights, device=device, batch_size=batch_size)["perplexity"]
 
 
 def recalibrate_bn(

@@ -177,25 +177,29 @@ def update_bars(fig: Figure, data: pd.DataFrame, title: str | None = None) -> bo
 
 
 def plot_accuracy_curve(data: pd.DataFrame, *, current: float | None = None, dense: float | None = None, ax=None,
-                        log_remaining: bool = False, title=None) -> Figure:
-    """Accuracy vs sparsity, one line per method (mean ± std over seeds), the current sparsity marked.
+                        log_remaining: bool = False, title=None, metric: str = "accuracy") -> Figure:
+    """Accuracy (or ``metric="perplexity"``, on a log axis) vs sparsity, one line per method (mean ± std over
+    seeds), the current sparsity marked.
 
-    ``data``: ``method, sparsity, accuracy`` (+ ``seed``): e.g. ``session.sweep(...)``. ``log_remaining``: x is the
-    remaining-weights percentage on a log axis (for extreme sparsity).
+    ``data``: ``method, sparsity`` and the metric's column (+ ``seed``): e.g. ``session.sweep(...)``.
+    ``log_remaining``: x is the remaining-weights percentage on a log axis (for extreme sparsity).
     """
+    if metric not in ("accuracy", "perplexity"):
+        raise ValueError(f"unknown metric {metric!r}; valid choices: 'accuracy', 'perplexity'.")
+    scale = 100 if metric == "accuracy" else 1
     if "finetuned" in data:
         data = data[~data["finetuned"].astype(bool)]
     with paper_style():
         fig, ax = _figure((6.4, 3.8), ax)
         for m in dict.fromkeys(data["method"]):
-            g = data[data.method == m].groupby("sparsity")["accuracy"].agg(["mean", "std", "count"]).reset_index()
+            g = data[data.method == m].groupby("sparsity")[metric].agg(["mean", "std", "count"]).reset_index()
             x = (1 - g["sparsity"]) * 100 if log_remaining else g["sparsity"]
-            ax.plot(x, g["mean"] * 100, "o-", color=method_color(m), label=m, markersize=4)
+            ax.plot(x, g["mean"] * scale, "o-", color=method_color(m), label=m, markersize=4)
             if (g["count"] > 1).any():
-                ax.fill_between(x, (g["mean"] - g["std"].fillna(0)) * 100, (g["mean"] + g["std"].fillna(0)) * 100,
+                ax.fill_between(x, (g["mean"] - g["std"].fillna(0)) * scale, (g["mean"] + g["std"].fillna(0)) * scale,
                                 color=method_color(m), alpha=0.2, linewidth=0)
         if dense is not None:
-            ax.axhline(dense * 100, color="0.4", linestyle=":", linewidth=1, label="dense")
+            ax.axhline(dense * scale, color="0.4", linestyle=":", linewidth=1, label="dense")
         if current is not None:
             ax.axvline((1 - current) * 100 if log_remaining else current, color="0.2", linestyle="--", linewidth=1,
                        label=f"current ({current:.3g})")
@@ -206,10 +210,14 @@ def plot_accuracy_curve(data: pd.DataFrame, *, current: float | None = None, den
         else:
             ax.set_xlabel("sparsity (fraction of prunable weights removed)")
             ax.set_xlim(-0.02, 1.0)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(title or "Accuracy vs sparsity (no fine-tuning)")
-        ax.legend(title="method", loc="lower left", frameon=False)
+        if metric == "accuracy":
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylim(0, 100)
+        else:
+            ax.set_ylabel("perplexity (held-out tokens, log scale)")
+            ax.set_yscale("log")
+        ax.set_title(title or f"{metric.capitalize()} vs sparsity (no fine-tuning)")
+        ax.legend(title="method", loc="lower left" if metric == "accuracy" else "upper left", frameon=False)
     fig.plot_data = data.copy()
     return fig
 

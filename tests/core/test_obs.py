@@ -360,3 +360,73 @@ def test_layerwise_obs_keeps_fixed_weights_pruned():
     assert not (mask & fixed).any() and (mask.reshape(4, 2, 4).sum(-1) == 2).all()
     with pytest.raises(ValueError, match="below the 3"):
         O.obs_layerwise(W, H, 2, fixed=fixed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layerwise OBS streams the layer Hessians
+# ---------------------------------------------------------------------------------------------------------------
+def _obs_setup():
+    import prune_lab as pl
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(),
+                        nn.Linear(10, 5))
+    data = pl.data.synthetic(n_train=64, n_test=16, input_shape=(12,), num_classes=5)
+    return pl, net, data
+
+
+@pytest.fixture
+def live_hessians(monkeypatch):
+    """Tracks every Hessian the capture returns until it is freed (weakref finalizers): ``peak`` = the most alive
+    at once, measured right after each capture."""
+    import weakref
+
+    state = {"live": set(), "peak": 0, "made": 0}
+    original = O._capture_hessians
+
+    def tracking(*a, **k):
+        got = original(*a, **k)
+        for h in got.values():
+            token = state["made"] = state["made"] + 1
+            state["live"].add(token)
+            weakref.finalize(h, state["live"].discard, token)
+        state["peak"] = max(state["peak"], len(state["live"]))
+        return got
+
+    monkeypatch.setattr(O, "_capture_hessians", tracking)
+    return state
+
+
+def test_layerwise_obs_holds_one_hessian_at_a_time_beyond_the_budget(live_hessians, monkeypatch):
+    """With no room for Hessians (``max_bytes = 0``) the method computes one layer's Hessian, uses it and frees it
+    before the next: at most one alive, whatever the number of layers. Holding them all would make it 4."""
+    pl, net, data = _obs_setup()
+    monkeypatch.setattr(O.LayerHessians, "max_bytes", 0)
+    session = pl.PruneSession(net, data, device="cpu")
+    streamed = session.prune("obs_layerwise", 0.6, n_samples=32)
+    _ = streamed.masks
+    assert live_hessians["peak"] == 1
+    assert live_hessians["made"] >= 2 * 4  # scores, then masks: each layer's Hessian made again (not kept)
+    monkeypatch.setattr(O.LayerHessians, "max_bytes", 1 << 30)  # room for all: one pass, all kept, same results
+    live_hessians.update(peak=0, made=0, live=set())
+    kept = pl.PruneSession(net, data, device="cpu").prune("obs_layerwise", 0.6, n_samples=32)
+    assert live_hessians["peak"] == 4 and live_hessians["made"] == 4
+    assert all(torch.equal(streamed.masks[n], kept.masks[n]) for n in kept.layers)
+    assert all(torch.equal(streamed.weights[n], kept.weights[n]) for n in kept.layers)
+
+
+def test_layer_hessians_budget_groups_layers_into_passes():
+    _, net, _ = _obs_setup()
+    weights = {n: p.detach() for n, p in net.named_parameters() if n.endswith("weight")}
+    names = list(weights)
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
+    full = O.layer_inputs_hessian(net, weights, names, x, batch_size=16)
+    # Hessian bytes: 12²·8, 20²·8, 16²·8, 10²·8; a budget of 20²·8 + 16²·8 takes layers 1, 2 and 4 in the first
+    # pass (the 3rd no longer fits) and the 3rd in a second pass, not kept
+    for budget, passes in ((10**9, 1), (0, 4), (20 * 20 * 8 + 16 * 16 * 8, 2)):
+        H = O.LayerHessians(net, weights, names, x, batch_size=16, max_bytes=budget)
+        for n in names:
+            assert torch.equal(H[n], full[n])  # the same numbers as one pass for all
+        assert H.passes == passes
+        assert sum(h.numel() * 8 for h in H.kept.values()) <= budget
+    assert all(not m._forward_pre_hooks for m in net.modules())

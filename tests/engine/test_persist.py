@@ -176,3 +176,36 @@ def test_cache_is_bounded_lru(mlp, count_sorts):
     for seed in range(10):  # sparsity-dependent mask sets are bounded as well
         session.prune("lap_forward", 0.1 * (seed % 9))
         assert len(session._masks) <= 3
+
+
+def test_format_1_files_are_read_and_converted(convnet, tmp_path):
+    s1 = pl.PruneSession(convnet, device="cpu")
+    want = {(m, x): s1.prune(m, x) for m in ("lamp", "lap") for x in (0.3, 0.9)}
+    s1.save_cache(tmp_path / "v2.pt")
+    payload = torch.load(tmp_path / "v2.pt", weights_only=True)
+    payload["format_version"] = 1
+    weights = pl.prunable_parameters(convnet)
+    for e in payload["entries"]:
+        e.pop("score_dtype")
+        for n, d in e["layers"].items():
+            w2 = weights[n].detach().reshape(-1)[d["order"].long()].double() ** 2
+            csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w2, 0)]).float()
+            keys = torch.from_numpy(persist.SortedKeys.from_state(d["keys"]).array())
+            e["layers"][n] = {"order": d["order"], "csum": csum, "keys": keys, "shape": d["shape"]}
+    torch.save(payload, tmp_path / "v1.pt")
+    s2 = pl.PruneSession(convnet, device="cpu")
+    assert s2.load_cache(tmp_path / "v1.pt") == len(payload["entries"])
+    for (m, x), res in want.items():
+        got = s2.prune(m, x)
+        assert got.pruned == res.pruned and all(torch.equal(got.masks[n], res.masks[n]) for n in res.layers)
+        assert got.frobenius == pytest.approx(res.frobenius, rel=1e-5)
+
+
+def test_cache_of_another_score_dtype_is_skipped(convnet, tmp_path):
+    s1 = pl.PruneSession(convnet, device="cpu", score_dtype="bfloat16")
+    s1.prune("lap", 0.5)
+    s1.save_cache(tmp_path / "c.pt")
+    assert pl.PruneSession(convnet, device="cpu").load_cache(tmp_path / "c.pt") == 0
+    s3 = pl.PruneSession(convnet, device="cpu", score_dtype="bfloat16")
+    assert s3.load_cache(tmp_path / "c.pt") == 1
+    _same_result(s3.prune("lap", 0.5), s1.prune("lap", 0.5))

@@ -10,6 +10,7 @@ from torch import nn
 import prune_lab as pl
 from prune_lab.core.ranking import Ranking
 from tests.conftest import assert_state_equal, state_copy
+from tests.methods.test_registry import fast_hp  # at import: a @given module imported inside @given is an error
 
 
 def test_warm_sparsity_change_is_a_lookup(convnet, monkeypatch):
@@ -125,8 +126,6 @@ def test_starting_masks_nest_and_validate(mlp):
 
 @given(st.sampled_from(pl.list_methods()), st.floats(0, 0.99), st.sampled_from(pl.list_allocations()[:3]))
 def test_model_unchanged_bit_for_bit(method, s, allocation):
-    from tests.methods.test_registry import fast_hp
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
     model.train()
@@ -230,3 +229,69 @@ def test_overrides_lock_and_exclude_layers(convnet):
     with pytest.raises(ValueError, match="cannot be met with these locked layers"):
         session.prune("magnitude", 0.95, allocation="global",
                       overrides={n: 0.0 for n in session.layer_names if n != "fc2.weight"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: bytes held per weight, 16-bit weights and scores
+# ---------------------------------------------------------------------------------------------------------------
+def _wide_mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 10)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_per_weight(dtype):
+    model = _wide_mlp(dtype)
+    session = pl.PruneSession(model, device="cpu")
+    params = pl.prunable_parameters(model)
+    n = sum(p.numel() for p in params.values())
+    wbytes = sum(p.numel() * p.element_size() for p in params.values())
+    session.prune("magnitude", 0.5)
+    mag = session.cache_nbytes()
+    # was 12 bytes per weight; the rest: count tables (4 bytes per distinct upper key half in a layer) and a
+    # small last layer's plain keys, both negligible in big layers
+    assert mag <= (6.2 if dtype == torch.float32 else 4.2) * n
+    assert mag <= 2.1 * wbytes
+    session.prune("lamp", 0.5)  # shares magnitude's order and cumulative sums: adds its keys only
+    assert session.cache_nbytes() - mag <= 2.3 * n
+    session.prune("lap", 0.5)  # float32 scores: order, cumulative sums and 2-byte keys
+    assert session.ranking("lap").nbytes() <= 6.2 * n
+    assert session.ranking("lap").nbytes() <= 3.1 * wbytes
+
+
+def test_bfloat16_weights_rank_like_their_float32_values():
+    model = _wide_mlp(torch.bfloat16)
+    as_float = _wide_mlp(torch.bfloat16).float()
+    a, b = pl.PruneSession(model, device="cpu"), pl.PruneSession(as_float, device="cpu")
+    for method, alloc in (("magnitude", None), ("global_magnitude", None), ("lamp", None), ("lap", "global")):
+        ra, rb = a.prune(method, 0.8, allocation=alloc), b.prune(method, 0.8, allocation=alloc)
+        assert ra.pruned == rb.pruned
+        assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.layers)
+        assert ra.frobenius == pytest.approx(rb.frobenius, rel=1e-6)
+
+
+def test_score_dtype_bfloat16_ranks_the_rounded_scores(mlp):
+    from tests.core.test_ranking import reference_global_counts
+
+    session = pl.PruneSession(mlp, device="cpu", score_dtype="bfloat16")
+    assert session.score_dtype == torch.bfloat16
+    full = pl.PruneSession(mlp, device="cpu")
+    names = session.layer_names
+    scores = {n: v.to(torch.bfloat16) for n, v in full.scores("lap").items()}
+    for s in (0.3, 0.75):
+        res = session.prune("lap", s, allocation="global")
+        k = sum(res.pruned)
+        assert list(res.pruned) == reference_global_counts(names, scores, k).tolist()
+    wide = _wide_mlp()
+    n = sum(p.numel() for p in pl.prunable_parameters(wide).values())
+    small = pl.PruneSession(wide, device="cpu", score_dtype=torch.bfloat16).ranking("lap").nbytes()
+    assert small <= 4.2 * n < pl.PruneSession(wide, device="cpu").ranking("lap").nbytes()
+    with pytest.raises(ValueError, match="score_dtype must be None, 'float32' or 'bfloat16'"):
+        pl.PruneSession(mlp, score_dtype="int8")
+
+
+def test_inf_weights_are_named(mlp):
+    with torch.no_grad():
+        mlp[0].weight[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"weight '0.weight' contains Inf"):
+        pl.prune(mlp, "magnitude", 0.5)

@@ -94,3 +94,15 @@ def test_no_pyplot_figures_leak():
 def test_figures_show_themselves_in_a_notebook():
     png = plot_layer_sparsity(TABLE)._repr_png_()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perplexity_curve_is_on_a_log_axis_without_percent():
+    df = pd.DataFrame({"method": ["wanda", "wanda", "magnitude", "magnitude"], "sparsity": [0.3, 0.5, 0.3, 0.5],
+                       "perplexity": [12.0, 30.0, 13.0, 40.0], "accuracy": [0.3, 0.2, 0.3, 0.1]})
+    ax = plot_accuracy_curve(df, metric="perplexity", dense=10.0).axes[0]
+    (line,) = [l for l in ax.get_lines() if l.get_label() == "wanda"]
+    assert list(line.get_ydata()) == pytest.approx([12.0, 30.0])
+    assert ax.get_yscale() == "log" and "perplexity" in ax.get_ylabel()
+    assert any(l.get_label() == "dense" and l.get_ydata()[0] == 10.0 for l in ax.get_lines())
+    with pytest.raises(ValueError, match="unknown metric 'ppl'"):
+        plot_accuracy_curve(df, metric="ppl")

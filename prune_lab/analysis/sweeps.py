@@ -1,0 +1,328 @@
+"""Sweeps that outlive the notebook: sweep points, a content-addressed result store, and the backends that run them.
+
+A sweep point is one (method, allocation, sparsity, seed, fine-tuning, hyperparameters, BN recalibration); its
+key hashes the point together with the model's weight fingerprint and the data's content identity, so a result is
+found again by whoever computes the same thing, on any machine, in any later run.
+
+Backends (``session.sweep(..., backend=...)``):
+
+- ``"local"`` (default): in this process with ``workers=1``; a process pool of ``workers`` processes otherwise.
+- ``"ray"``: one Ray task per point on a running Ray cluster (``address``: ``None`` uses the one this process is
+  connected to, or ``RAY_ADDRESS``, or starts a local one; ``"auto"``, ``"ray://head:10001"``, …). A task rebuilds
+  the session from the serialised model and data (put once in the object store) and keeps it for the worker's later
+  points; a task lost with its worker is retried (``retries``) and the others are not run again.
+
+Worker processes share results through a :class:`ResultStore` folder (``cache_dir``; on a cluster, a path every
+node sees at the same place, e.g. NFS): ``points/<key>.json`` holds a finished point's rows; ``running/`` the
+claims of points being computed (host, pid, start); ``log.jsonl`` one line per start and finish.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cloudpickle
+import torch
+
+SCHEMA = 1  # bump when what a point computes changes: old store entries are then never matched
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep. ``finetune`` and ``hp``: sorted ``(name, repr(value))`` pairs (hashable)."""
+
+    method: str
+    allocation: str | None
+    sparsity: float
+    seed: int
+    finetune: tuple = ()
+    hp: tuple = ()
+    recalibrate_bn: bool = False
+    seeded: bool = True  # False when nothing depends on the seed (a deterministic method, no fine-tuning)
+
+    @classmethod
+    def make(cls, method, allocation, sparsity, seed, finetune=None, hp=None, recalibrate_bn=False):
+        from ..methods import get_method
+
+        seeded = bool(finetune) or get_method(method).stochastic
+        return cls(method, allocation, float(sparsity), int(seed), _items(finetune), _items(hp),
+                   bool(recalibrate_bn), seeded)
+
+    def key(self, fingerprint: str, data_id: str) -> str:
+        """The content address: this point on these weights and this data (seeds share one address when nothing
+        depends on them)."""
+        fields = asdict(self)
+        if not self.seeded:
+            fields["seed"] = None
+        blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_id, **fields},
+                          sort_keys=True, default=list)
+        return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+    def label(self) -> str:
+        return f"{self.method} @ {self.sparsity:g} (seed {self.seed}{', fine-tuned' if self.finetune else ''})"
+
+
+def _items(d) -> tuple:
+    return tuple(sorted((str(k), repr(v)) for k, v in (d or {}).items()))
+
+
+class ResultStore:
+    """A folder of finished sweep points, addressed by :meth:`SweepPoint.key`; safe for concurrent writers (each
+    result is written to a temporary file and renamed into place)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self._points = self.root / "points"
+        self._running = self.root / "running"
+        self._points.mkdir(parents=True, exist_ok=True)
+        self._running.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self):
+        return f"ResultStore({str(self.root)!r}, {len(self)} points)"
+
+    def __len__(self):
+        return sum(1 for _ in self._points.glob("*.json"))
+
+    def __contains__(self, key: str) -> bool:
+        return (self._points / f"{key}.json").exists()
+
+    def get(self, key: str) -> list | None:
+        """The rows of a finished point, or ``None``."""
+        try:
+            return json.loads((self._points / f"{key}.json").read_text())["rows"]
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, rows: list, point: SweepPoint | None = None, seconds: float | None = None):
+        record = {"key": key, "rows": rows, "point": None if point is None else asdict(point),
+                  "host": socket.gethostname(), "pid": os.getpid(), "seconds": seconds, "finished": time.time()}
+        tmp = self._points / f".{key}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(record, default=list))
+        os.replace(tmp, self._points / f"{key}.json")
+        self._event("done", key)
+
+    def claim(self, key: str) -> Path:
+        """Mark ``key`` as being computed by this process (released by :meth:`release`; a claim left by a lost
+        worker stays until :meth:`clear_stale`)."""
+        path = self._running / f"{key}.{socket.gethostname()}.{os.getpid()}.json"
+        path.write_text(json.dumps({"key": key, "host": socket.gethostname(), "pid": os.getpid(),
+                                    "started": time.time()}))
+        self._event("start", key)
+        return path
+
+    @staticmethod
+    def release(claim: Path):
+        claim.unlink(missing_ok=True)
+
+    def _claims(self):
+        for path in self._running.glob("*.json"):
+            try:
+                yield path, json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):  # released or being written just now
+                pass
+
+    def running(self) -> list[dict]:
+        """The claims of points being computed (or left by lost workers): ``key, host, pid, started``."""
+        return [claim for _, claim in self._claims()]
+
+    def clear_stale(self) -> int:
+        """Remove claims of processes on this host that no longer exist; returns how many."""
+        n = 0
+        for path, claim in self._claims():
+            if claim["host"] == socket.gethostname() and not _alive(claim["pid"]):
+                path.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def events(self) -> list[dict]:
+        """The log: one ``{"event": "start" | "done", "key", "host", "pid", "time"}`` per line."""
+        path = self.root / "log.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _event(self, event: str, key: str):
+        line = json.dumps({"event": event, "key": key, "host": socket.gethostname(), "pid": os.getpid(),
+                           "time": time.time()}) + "\n"
+        with open(self.root / "log.jsonl", "a") as f:  # one short append per event
+            f.write(line)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# computing one point (the same code in this process, in a pool worker and in a Ray task)
+# ----------------------------------------------------------------------------------------------------------------
+def compute_point(session, point: SweepPoint, data, store: ResultStore | None) -> tuple[list, bool]:
+    """``(rows, computed)`` for ``point`` on ``session``: from ``store`` when it is there, else computed (and put
+    in ``store``)."""
+    key = point.key(session.fingerprint, session._data_id(data))
+    if store is not None:
+        hit = store.get(key)
+        if hit is not None:
+            return hit, False
+    claim = store.claim(key) if store is not None else None
+    try:
+        t0 = time.perf_counter()
+        rows = session._sweep_point(point.method, point.allocation, point.sparsity, point.seed,
+                                    _undo(point.finetune), data, _undo(point.hp), point.recalibrate_bn)
+        if store is not None:
+            store.put(key, rows, point, time.perf_counter() - t0)
+    finally:
+        if claim is not None:
+            store.release(claim)
+    return rows, True
+
+
+def _undo(items: tuple) -> dict:
+    """Back from ``(name, repr)`` pairs to values (literals only, as sweeps take)."""
+    import ast
+
+    return {k: ast.literal_eval(v) for k, v in items}
+
+
+@dataclass
+class _Payload:
+    """What a worker needs to rebuild the session: the model and data (serialised once), the session's keyword
+    arguments and the fingerprint the rebuilt model must have."""
+
+    blob: bytes
+    fingerprint: str
+    token: str  # identifies this payload in a worker's session cache
+
+
+def make_payload(session, data) -> _Payload:
+    model = session.model
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        import copy
+
+        model = copy.deepcopy(model).cpu()  # workers may have no GPU; they move it to their own device
+    try:
+        blob = cloudpickle.dumps((model, session.data, data, session._init_kw))
+    except Exception as exc:  # noqa: BLE001 (any pickling failure)
+        raise TypeError(f"the model or data cannot be serialised for sweep workers ({type(exc).__name__}: "
+                        f"{exc}); use backend='local' with workers=1, or make them picklable.") from exc
+    return _Payload(blob, session.fingerprint, hashlib.blake2b(blob, digest_size=16).hexdigest())
+
+
+_WORKER_SESSIONS: dict = {}  # payload token → (session, sweep data); a worker keeps the latest two
+
+
+def _worker_session(payload: _Payload):
+    hit = _WORKER_SESSIONS.get(payload.token)
+    if hit is None:
+        from .session import PruneSession
+
+        model, session_data, data, kw = cloudpickle.loads(payload.blob)
+        session = PruneSession(model, session_data, **kw)
+        if session.fingerprint != payload.fingerprint:
+            raise RuntimeError("the model rebuilt in the sweep worker does not match the driver's (weights "
+                               "fingerprint differs); is the same prune_lab and torch version installed there?")
+        while len(_WORKER_SESSIONS) >= 2:
+            _WORKER_SESSIONS.pop(next(iter(_WORKER_SESSIONS)))
+        hit = _WORKER_SESSIONS[payload.token] = (session, data)
+    return hit
+
+
+def _remote_point(payload_ref: list, point: SweepPoint, store_root: str | None) -> tuple[list, bool]:
+    """One point in a worker process: the payload arrives once per worker (an object reference under Ray, wrapped
+    in a list so Ray does not fetch it for every task)."""
+    payload = payload_ref[0]
+    if not isinstance(payload, _Payload):  # a Ray object reference
+        token = payload_ref[1]
+        if token not in _WORKER_SESSIONS:
+            import ray
+
+            payload = ray.get(payload)
+        else:
+            payload = _Payload(b"", "", token)
+    session, data = _worker_session(payload)
+    return compute_point(session, point, data, ResultStore(store_root) if store_root else None)
+
+
+def _init_pool_worker(threads: int):
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: each takes the points still to compute and yields (point, rows, computed) as they finish
+# ----------------------------------------------------------------------------------------------------------------
+def run_local_pool(payload: _Payload, points, store: ResultStore | None, workers: int):
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    root = None if store is None else str(store.root)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(_remote_point, [payload], p, root): p for p in points}
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    try:
+                        rows, computed = f.result()
+                    except BrokenProcessPool as exc:
+                        raise RuntimeError(
+                            "a sweep worker process died. Workers are started with 'spawn' and import the main "
+                            "module: in a script, run the sweep under `if __name__ == '__main__':`. Finished points "
+                            "are kept (pass cache_dir= to keep them across runs).") from exc
+                    yield futures[f], rows, computed
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def run_ray(payload: _Payload, points, store: ResultStore | None, *, address=None, retries: int = 3,
+            num_cpus: float = 1):
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError("backend='ray' needs Ray: pip install 'prune_lab[distributed]' (or pip install ray).") \
+            from exc
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    ref = ray.put(payload)
+    task = ray.remote(_remote_point).options(max_retries=int(retries), retry_exceptions=False, num_cpus=num_cpus)
+    root = None if store is None else str(store.root)
+    futures = {task.remote([ref, payload.token], p, root): p for p in points}
+    pending = list(futures)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                rows, computed = ray.get(r)
+                yield futures[r], rows, computed
+    except BaseException:
+        for r in pending:
+            ray.cancel(r)
+        raise
+
+
+def check_backend(backend: str, workers) -> int:
+    from ..core.validation import check_choice
+
+    check_choice(backend, BACKENDS, what="backend")
+    if workers is None:
+        return 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    return workers
+

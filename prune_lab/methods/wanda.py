@@ -1,0 +1,248 @@
+"""Wanda: pruning by weights and activations (Sun, Liu, Bair, Kolter, ICLR 2024, arXiv 2306.11695).
+
+The score of weight ``W_ij`` is ``|W_ij| · ‖X_j‖₂``, where ``X_j`` is input feature ``j`` of that layer over every
+calibration token (batch × sequence; padding excluded) or sample. The inputs are captured by forward pre-hooks on
+one pass of the model over ``n_calibration`` calibration sequences (a seeded sample of the data's ``train`` split,
+the same every call), and the per-layer norms are cached in the session keyed by the data's content and ``n``.
+The pass runs the dense model (or, with starting ``masks=``, the already-pruned one), so the norms do not depend on
+the sparsity and moving it costs one sort per row. The reference code instead prunes block by block and feeds each
+block the outputs of the already-pruned blocks before it (sparsity-dependent norms), which this does not reproduce.
+
+``group="row"`` (default, the paper's): every output row is pruned to the layer's sparsity: with ``k`` weights to
+prune in a layer of ``R`` rows, each row loses ``⌊k/R⌋`` of its lowest-scored weights and the ``k mod R``
+remaining ones go, one each, to the rows whose next-lowest score is smallest (ties: the lower row), so the layer's
+count is exact for any allocation (``uniform`` is the paper's; ``global`` and the others give the per-layer
+counts, spread over the rows the same way). ``group="layer"``: the layer's ``k`` lowest scores, wherever they are.
+
+Any model works: Linear layers as above; a Conv1d/Conv2d's inputs are unfolded into patches, so ``X_j`` is the
+norm of input channel ``c`` at kernel offset ``(u, v)`` over every output position (its padding mode included),
+and a row is one output filter. Conv3d layers are refused (exclude them). Transformers' GPT-2 ``Conv1D`` layers are
+not Linear layers: convert them with :func:`prune_lab.models.conv1d_to_linear`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..core.graph import input_channel_index
+from ..data import as_tokens, calibration_batch
+from ..models.hf import forward_kwargs, vocab_size
+from .registry import MethodSpec, hparam, register_method
+from .second_order import _data_id, _masks_key
+
+WANDA_REF = ("Sun, Liu, Bair, Kolter: A Simple and Effective Pruning Approach for Large Language Models (Wanda), "
+             "ICLR 2024 (arXiv 2306.11695)")
+_IMAGE_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class WandaHyperparameters:
+    """Wanda: calibration size and the comparison group."""
+
+    n_calibration: int = hparam(128, low=1, high=1_000_000, log=True,
+                                help="Calibration sequences (token data; the paper uses 128 × 2048 tokens) or "
+                                     "samples whose layer inputs give the feature norms ‖X_j‖.")
+    group: str = hparam("row", choices=("row", "layer"),
+                        help="'row': each output row keeps the layer's density (the paper); 'layer': the layer's "
+                             "lowest scores wherever they are.")
+
+
+# ------------------------------------------------------------------------------------------------ input norms
+def _conv_sq(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Σ over samples and output positions of the squared unfolded input: ``(C_in, *kernel)``."""
+    if isinstance(mod, nn.Conv3d) or not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        raise ValueError(f"Wanda scores Linear, Conv1d and Conv2d layers; {type(mod).__name__} is not supported: "
+                         f"exclude it (exclude=[...]).")
+    pad = list(mod._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if mod.padding_mode == "zeros" else mod.padding_mode)
+    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):
+        x, kernel, dilation, stride = x.unsqueeze(2), (1,) + kernel, (1,) + dilation, (1,) + stride
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C·k, P)
+    return cols.pow(2).sum((0, 2)).reshape((x.shape[1],) + tuple(mod.kernel_size))
+
+
+def _linear_sq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ over tokens (or samples) of the squared input features: ``(in,)``; padding positions left out."""
+    if mask is not None:
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.bool()]
+        elif x.dim() == 2 and x.shape[0] == mask.numel():
+            x = x[mask.reshape(-1).bool()]
+    return x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+
+
+def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, weights: dict | None = None,
+                        seed: int = 0) -> dict:
+    """``{weight name: ‖X_j‖₂}`` for the Linear / Conv1d / Conv2d layers ``names`` (default: all of them): the
+    norm of every input feature over ``n`` calibration sequences (token data, padding excluded) or samples of
+    ``data``'s train split. Shapes: ``(in_features,)`` for a Linear, ``(C_in, *kernel)`` for a conv (unfolded
+    patches). ``weights`` (``{name: tensor}``) replace the model's during the pass (``functional_call``); the model
+    is not modified and its train/eval modes are restored.
+
+    >>> net = nn.Sequential(nn.Linear(2, 1))
+    >>> input_feature_norms(net, (torch.tensor([[3.0, 0.0], [4.0, 1.0]]), torch.tensor([0, 0])))["0.weight"]
+    tensor([5., 1.], dtype=torch.float64)
+    """
+    canonical: dict = {}
+    for pname, p in model.named_parameters():
+        canonical.setdefault(id(p), pname)
+    owners: dict = {}
+    for mname, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(w, nn.Parameter):
+            owners.setdefault(canonical.get(id(w)), []).append(m)
+    names = [k for k in owners if k is not None] if names is None else list(names)
+    for name in names:
+        if name not in owners:
+            raise ValueError(f"Wanda scores the weights of Linear / Conv layers; {name!r} is not one.")
+        for m in owners[name]:
+            if isinstance(m, nn.Conv3d):
+                _conv_sq(m, None)  # raises the explanation
+    tokens = as_tokens(data, split="train")
+    x, aux = calibration_batch(data, n=int(n), split="train", seed=seed)
+    if tokens is not None:
+        tokens.check_vocab(vocab_size(model))
+        chunk = tokens.batch_size
+    else:
+        if not x.is_floating_point():
+            raise TypeError(f"data: inputs must be floating point, got dtype {x.dtype}; token ids of a language "
+                            f"model: wrap them with prune_lab.data.tokens(ids).")
+        chunk = _IMAGE_CHUNK
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    overrides = {k: v.detach().to(dev) for k, v in (weights or {}).items()}
+    sums: dict = {name: None for name in names}
+    current: dict = {"mask": None}
+
+    def hook_for(name, mod):
+        def hook(_m, inputs):
+            inp = inputs[0].detach().float()
+            sq = _linear_sq(inp, current["mask"]) if isinstance(mod, nn.Linear) else _conv_sq(mod, inp)
+            sq = sq.double()
+            sums[name] = sq if sums[name] is None else sums[name] + sq
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name, m)) for name in names for m in owners[name]]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for a in range(0, x.shape[0], chunk):
+                xb = x[a:a + chunk].to(dev)
+                kw = {}
+                if tokens is not None:
+                    current["mask"] = aux[a:a + chunk].to(dev)
+                    kw = forward_kwargs(model, current["mask"])
+                functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    silent = [name for name in names if sums[name] is None]
+    if silent:
+        raise ValueError(f"Wanda: layer(s) {', '.join(map(repr, silent[:3]))} never ran on the calibration data, so "
+                         f"their inputs are unknown; exclude them (exclude=[...]).")
+    return {name: sums[name].sqrt() for name in names}
+
+
+# ------------------------------------------------------------------------------------------------ scores, masks
+def _norms(ctx, hp) -> dict:
+    if ctx.data is None or ctx.model is None:
+        raise ValueError("wanda needs calibration data (prune_lab.data.tokens(ids) for a language model, or a "
+                         "batch / DataLoader / prune_lab dataset) and the model; pass data=... to the session or to "
+                         "prune().")
+    key = ("wanda.norms", _data_id(ctx), int(hp.n_calibration), _masks_key(ctx), tuple(ctx.prunable))
+    hit = ctx.cache.get(key)
+    if hit is None:
+        weights = ctx.weights if ctx.start_masks is not None else None  # the already-pruned model's activations
+        hit = {k: v.to(ctx.device) for k, v in
+               input_feature_norms(ctx.model, ctx.data, ctx.prunable, n=hp.n_calibration, weights=weights).items()}
+        ctx.cache[key] = hit
+    return hit
+
+
+def wanda_scores(w: torch.Tensor, norms: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``|W| · ‖X_j‖`` for one layer. ``w: (out, in)`` with ``norms: (in,)``, or ``w: (out, in // groups, *k)``
+    with ``norms: (in, *k)``. Returns float32 scores of ``w``'s shape.
+
+    >>> wanda_scores(torch.tensor([[1.0, -2.0]]), torch.tensor([3.0, 0.5]))
+    tensor([[3., 1.]])
+    """
+    norms = norms.to(w.device, torch.float64)
+    if w.dim() == 2:
+        return (w.abs().double() * norms.unsqueeze(0)).float()
+    per = norms[input_channel_index(tuple(w.shape), groups, device=w.device)]  # (out, in // groups, *k)
+    return (w.abs().double() * per).float()
+
+
+def _scores(ctx, hp) -> dict:
+    norms = _norms(ctx, hp)
+    return {n: wanda_scores(ctx.weights[n], norms[n], ctx.graph.layers[n].groups) for n in ctx.prunable}
+
+
+def row_pruned(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` weights to prune of a layer, spread evenly over its rows: ``scores: (R, C)`` (``-inf`` = already
+    pruned, kept pruned) → bool ``(R, C)``, True = pruned, exactly ``k`` of them. Every row prunes its lowest
+    scores; row counts are as even as the already-pruned weights allow (each row ``max(fixed_r, t)`` for one level
+    ``t``); the remaining ``k − Σ`` go one each to the rows whose next-lowest score is smallest (ties: lower row).
+
+    >>> row_pruned(torch.tensor([[1.0, 2.0, 3.0], [9.0, 5.0, 4.0]]), 3).int()
+    tensor([[1, 1, 0],
+            [0, 0, 1]], dtype=torch.int32)
+    """
+    R, C = scores.shape
+    k = int(k)
+    if not 0 <= k <= R * C:
+        raise ValueError(f"cannot prune {k} of {R * C} weights.")
+    fixed = torch.isneginf(scores).sum(1)
+    values, order = torch.sort(scores, dim=1, stable=True)
+    if int(fixed.sum()) > k:
+        raise ValueError(f"{int(fixed.sum())} weights are already pruned, more than the {k} asked for.")
+    lo, hi = 0, C  # the largest level t with Σ max(fixed_r, t) <= k
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(fixed.clamp(min=mid).sum()) <= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    per = fixed.clamp(min=lo)
+    extra = k - int(per.sum())
+    if extra > 0:
+        nxt = values.gather(1, per.clamp(max=C - 1).unsqueeze(1)).squeeze(1)
+        nxt = torch.where(fixed <= lo, nxt, torch.full_like(nxt, float("inf")))
+        per[torch.sort(nxt, stable=True).indices[:extra]] += 1
+    pruned_sorted = torch.arange(C, device=scores.device).unsqueeze(0) < per.unsqueeze(1)
+    return torch.zeros_like(pruned_sorted).scatter(1, order, pruned_sorted)
+
+
+def _masks(ctx, counts, hp) -> dict:
+    scores = _scores(ctx, hp)
+    out = {}
+    for n in ctx.prunable:
+        s = scores[n]
+        if ctx.start_masks is not None:
+            s = torch.where(ctx.start_masks[n].to(s.device), s, torch.full_like(s, float("-inf")))
+        k = int(counts[n])
+        if hp.group == "row":
+            pruned = row_pruned(s.reshape(s.shape[0], -1), k).reshape(s.shape)
+        else:
+            pruned = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+            pruned[torch.sort(s.reshape(-1), stable=True).indices[:k]] = True
+            pruned = pruned.reshape(s.shape)
+        out[n] = ~pruned
+    return out
+
+
+register_method(MethodSpec(
+    "wanda", "Wanda", WANDA_REF, _scores, "uniform", needs=frozenset({"data"}), sparsity_dependent=True,
+    hyperparameters=WandaHyperparameters, masks=_masks,
+    description="|W_ij|·‖X_j‖₂: weight magnitude times the norm of its input feature over the calibration tokens "
+                "(forward hooks); each output row pruned to the layer's sparsity (group='row', the paper) or the "
+                "layer's lowest scores (group='layer'). Made for LLMs (no retraining, no weight update); works on "
+                "any Linear / Conv1d / Conv2d model."))
