@@ -1,5 +1,5 @@
-"""What the reproduction scripts share: a resumable cache of finished points (a CSV keyed by a hash of the
-settings) and writing a summary table."""
+"""What the benchmark and reproduction scripts share: a resumable cache of finished points (a CSV keyed by a hash
+of the settings), writing a summary table, and writing a benchmark's results."""
 from __future__ import annotations
 
 import csv
@@ -27,3 +27,14 @@ def write_table(path: Path, rows: list) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def write_results(out: Path, stem: str, result: dict, text: str) -> None:
+    """A benchmark's results: ``<stem>.json`` (every number) and ``<stem>.md`` (what the README quotes), echoed."""
+    import sys
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    sys.stdout.write(text)

@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, beside this script
+from _points import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WIDTHS = (1024, 4096, 1024, 2048, 3072, 1024, 1536, 4096, 2048)  # the chain cycles through these widths
@@ -224,14 +226,9 @@ def worker(tool: str, method: str, dtype_name: str, quick: bool) -> dict:
 # the parent: subprocesses, comparison, files
 # ---------------------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """slider_latency's machine description plus the total memory."""
+    from slider_latency import machine as describe
+
     mem = 0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -239,11 +236,7 @@ def machine() -> dict:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    import prune_lab as pl
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "prune_lab": pl.__version__,
-            "platform": platform.platform(), "device": "cpu"}
+    return {**describe(torch.device("cpu")), "ram_bytes": mem}
 
 
 def load() -> str:
@@ -376,11 +369,7 @@ def main(argv=None):
         sys.stdout.write(json.dumps(worker(*args.worker, quick=args.quick)) + "\n")
         return None
     r = run(args.quick, args.jobs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "big_model" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(r, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(r))
-    sys.stdout.write(markdown(r))
+    write_results(args.out, "big_model" + ("_quick" if args.quick else ""), r, markdown(r))
     return r
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,9 @@ import torchvision
 from tqdm.auto import tqdm
 
 import prune_lab as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, beside this script
+from _points import write_results  # noqa: E402
 
 METHODS = ["lamp", "global_magnitude", "magnitude"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -170,11 +172,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = pl.engine.resolve_device(args.device)
     r = run(args.quick, device, args.torch_points if not args.quick else 2, args.points)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "slider_latency" + ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")
-    (args.out / f"{stem}.json").write_text(json.dumps(r, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(r))
-    sys.stdout.write(markdown(r))
+    write_results(args.out, stem, r, markdown(r))
     return r
 
 

@@ -11,17 +11,16 @@ run answered from the result store. All backends must give the same table; the s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune_lab as pl  # noqa: E402
+from _points import write_results  # noqa: E402
 from slider_latency import machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,12 +98,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     backends = (args.backends or ("in-process,pool" if args.quick else "in-process,pool,ray")).split(",")
     r = run(args.quick, backends, 1 if args.quick else args.epochs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "sweep_backends_quick" if args.quick else "sweep_backends"
-    (out / f"{stem}.json").write_text(json.dumps(r, indent=2))
-    (out / f"{stem}.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results(args.out, "sweep_backends_quick" if args.quick else "sweep_backends", r, markdown(r))
     return r
 
 

@@ -224,42 +224,45 @@ def make_payload(session, data) -> _Payload:
 
 
 _WORKER_SESSIONS: dict = {}  # payload token → (session, sweep data); a worker keeps the latest two
+_POOL_PAYLOAD = None  # a pool worker's payload, sent once by the pool's initializer
 
 
-def _worker_session(payload: _Payload):
-    hit = _WORKER_SESSIONS.get(payload.token)
+def _worker_session(payload: _Payload) -> tuple:
+    """Rebuild the driver's session in this worker: ``(session, sweep data)``, kept for the worker's next points."""
+    from .session import PruneSession
+
+    model, session_data, data, kw = cloudpickle.loads(payload.blob)
+    session = PruneSession(model, session_data, **kw)
+    if session.fingerprint != payload.fingerprint:
+        raise RuntimeError("the model rebuilt in the sweep worker does not match the driver's (weights "
+                           "fingerprint differs); is the same prune_lab and torch version installed there?")
+    while len(_WORKER_SESSIONS) >= 2:
+        _WORKER_SESSIONS.pop(next(iter(_WORKER_SESSIONS)))
+    _WORKER_SESSIONS[payload.token] = (session, data)
+    return session, data
+
+
+def _remote_point(payload_ref: tuple, point: SweepPoint, store_root: str | None) -> tuple[list, bool]:
+    """One point in a worker process. ``payload_ref``: ``(payload or None, token)``; under Ray the payload is an
+    object reference (fetched only by a worker without that session yet), in a pool ``None`` (the initializer's)."""
+    payload, token = payload_ref
+    hit = _WORKER_SESSIONS.get(token)
     if hit is None:
-        from .session import PruneSession
-
-        model, session_data, data, kw = cloudpickle.loads(payload.blob)
-        session = PruneSession(model, session_data, **kw)
-        if session.fingerprint != payload.fingerprint:
-            raise RuntimeError("the model rebuilt in the sweep worker does not match the driver's (weights "
-                               "fingerprint differs); is the same prune_lab and torch version installed there?")
-        while len(_WORKER_SESSIONS) >= 2:
-            _WORKER_SESSIONS.pop(next(iter(_WORKER_SESSIONS)))
-        hit = _WORKER_SESSIONS[payload.token] = (session, data)
-    return hit
-
-
-def _remote_point(payload_ref: list, point: SweepPoint, store_root: str | None) -> tuple[list, bool]:
-    """One point in a worker process: the payload arrives once per worker (an object reference under Ray, wrapped
-    in a list so Ray does not fetch it for every task)."""
-    payload = payload_ref[0]
-    if not isinstance(payload, _Payload):  # a Ray object reference
-        token = payload_ref[1]
-        if token not in _WORKER_SESSIONS:
+        if payload is None:
+            payload = _POOL_PAYLOAD
+        elif not isinstance(payload, _Payload):
             import ray
 
             payload = ray.get(payload)
-        else:
-            payload = _Payload(b"", "", token)
-    session, data = _worker_session(payload)
+        hit = _worker_session(payload)
+    session, data = hit
     return compute_point(session, point, data, ResultStore(store_root) if store_root else None)
 
 
-def _init_pool_worker(threads: int):
+def _init_pool_worker(threads: int, payload: _Payload):
+    global _POOL_PAYLOAD
     torch.set_num_threads(threads)
+    _POOL_PAYLOAD = payload
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,8 +272,8 @@ def run_local_pool(payload: _Payload, points, store: ResultStore | None, workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     root = None if store is None else str(store.root)
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_pool_worker,
-                             initargs=(threads,)) as pool:
-        futures = {pool.submit(_remote_point, [payload], p, root): p for p in points}
+                             initargs=(threads, payload)) as pool:
+        futures = {pool.submit(_remote_point, (None, payload.token), p, root): p for p in points}
         try:
             pending = set(futures)
             while pending:
@@ -302,7 +305,7 @@ def run_ray(payload: _Payload, points, store: ResultStore | None, *, address=Non
     ref = ray.put(payload)
     task = ray.remote(_remote_point).options(max_retries=int(retries), retry_exceptions=False, num_cpus=num_cpus)
     root = None if store is None else str(store.root)
-    futures = {task.remote([ref, payload.token], p, root): p for p in points}
+    futures = {task.remote((ref, payload.token), p, root): p for p in points}
     pending = list(futures)
     try:
         while pending:

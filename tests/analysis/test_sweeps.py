@@ -106,6 +106,10 @@ def test_bad_backend_arguments(digits):
         s.sweep(METHODS, GRID, workers=0)
     with pytest.raises(ValueError, match="workers applies to backend='local'"):
         s.sweep(METHODS, GRID, backend="ray", workers=4)
+    model = small_model()
+    model.lock = threading.Lock()  # cannot be pickled: workers could not rebuild the session
+    with pytest.raises(TypeError, match="cannot be serialised for sweep workers.*workers=1"):
+        pl.PruneSession(model, digits, device="cpu").sweep(METHODS, GRID, workers=2, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,19 +1,15 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import load_benchmark
 
 
 @pytest.mark.slow
 def test_big_model_benchmark_quick_mode(tmp_path):
     """The benchmark's smoke mode (5 M weights, every tool in a subprocess): the files' structure, the memory
     readings, and prune_lab's per-layer counts equal to torch.nn.utils.prune's masks."""
-    spec = importlib.util.spec_from_file_location("big_model", ROOT / "benchmarks" / "big_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("big_model")
     r = mod.main(["--quick", "--jobs", "3", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "big_model_quick.json").read_text())
     assert saved["model"] == json.loads(json.dumps(r["model"]))

@@ -1,15 +1,11 @@
-import importlib.util
-from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import load_benchmark
 
 
 def test_quick_reproduction_writes_results_and_resumes(tmp_path):
-    spec = importlib.util.spec_from_file_location("reproduce_rpi", ROOT / "benchmarks" / "reproduce_rpi.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reproduce_rpi")
     df, summary = mod.main(["--quick", "--out", str(tmp_path)])
     for name in ("rpi.csv", "rpi.md", "rpi.png", "rpi_cache.jsonl"):
         assert (tmp_path / name).stat().st_size > 0

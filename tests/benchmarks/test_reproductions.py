@@ -1,20 +1,16 @@
 """The LAP and LAMP reproduction scripts in their ``--quick`` mode: they run, write their results with the expected
 columns, and their resume cache skips finished points on a second call."""
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import load_benchmark
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+_load = load_benchmark
 
 
 @pytest.fixture(autouse=True)

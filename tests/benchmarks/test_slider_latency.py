@@ -1,17 +1,13 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import load_benchmark
 
 
 @pytest.mark.slow
 def test_benchmark_runs_and_writes_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("slider_latency", ROOT / "benchmarks" / "slider_latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("slider_latency")
     r = mod.main(["--quick", "--points", "3", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "slider_latency_quick.json").read_text())
     assert saved["methods"].keys() == {"lamp", "global_magnitude", "magnitude"}

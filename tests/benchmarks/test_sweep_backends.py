@@ -1,17 +1,13 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import load_benchmark
 
 
 @pytest.mark.slow
 def test_sweep_benchmark_runs_and_backends_agree(tmp_path):
-    spec = importlib.util.spec_from_file_location("sweep_backends", ROOT / "benchmarks" / "sweep_backends.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("sweep_backends")
     r = mod.main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "sweep_backends_quick.json").read_text())
     assert saved["tables_equal"] is True and set(saved["backends"]) == {"in-process", "pool"}
