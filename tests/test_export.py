@@ -8,7 +8,7 @@ from torch.nn.utils import prune as torch_prune
 
 import prune_lab as pl
 from prune_lab import export
-from tests.conftest import assert_state_equal, state_copy
+from tests.conftest import TiedLinears, assert_state_equal, state_copy
 
 
 def _masked_forward(model, masks, x, weights=None):
@@ -120,17 +120,8 @@ def test_zero_one_float_masks_accepted(mlp):
 
 
 def test_tied_weights_masked_on_every_module():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-
     torch.manual_seed(0)
-    model = Tied()
+    model = TiedLinears()
     with pytest.warns(UserWarning, match="tied"):
         res = pl.prune(model, "magnitude", 0.5)
     tp = export.to_torch_prune(model, res)

@@ -9,7 +9,7 @@ from torch import nn
 
 import prune_lab as pl
 from prune_lab.analysis.footprint import footprint
-from tests.conftest import assert_state_equal, state_copy
+from tests.conftest import TiedLinears, assert_state_equal, state_copy
 
 B = torch.bool
 
@@ -127,17 +127,8 @@ def test_masks_of_another_model(mlp, convnet):
 
 
 def test_tied_weights_counted_at_each_use():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-
     masks = {"a.weight": torch.ones(4, 4, dtype=B), "c.weight": torch.ones(2, 4, dtype=B)}
-    df = footprint(Tied(), masks, input_shape=(4,)).set_index("layer")
+    df = footprint(TiedLinears(), masks, input_shape=(4,)).set_index("layer")
     assert df.loc["a.weight", "params"] == 16  # stored once
     assert df.loc["a.weight", "macs_dense"] == 32  # run twice per sample
     assert df.loc["(model)", "macs_dense"] == 40

@@ -6,22 +6,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prune_lab as pl
-from prune_lab.core.ranking import Ranking
 from prune_lab.engine import persist
 from tests.conftest import SmallConvNet, randomize_bn
-
-
-@pytest.fixture
-def count_sorts(monkeypatch):
-    calls = []
-    original = Ranking.from_scores.__func__
-
-    def counting(cls, *a, **k):
-        calls.append(1)
-        return original(cls, *a, **k)
-
-    monkeypatch.setattr(Ranking, "from_scores", classmethod(counting))
-    return calls
 
 
 def _same_result(a, b):

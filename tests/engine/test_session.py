@@ -8,21 +8,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prune_lab as pl
-from prune_lab.core.ranking import Ranking
 from tests.conftest import assert_state_equal, state_copy
 from tests.methods.test_registry import fast_hp  # at import: a @given module imported inside @given is an error
 
 
-def test_warm_sparsity_change_is_a_lookup(convnet, monkeypatch):
+def test_warm_sparsity_change_is_a_lookup(convnet, count_sorts):
     session = pl.PruneSession(convnet, device="cpu")
-    calls = []
-    original = Ranking.from_scores.__func__
-
-    def counting(cls, *a, **k):
-        calls.append(1)
-        return original(cls, *a, **k)
-
-    monkeypatch.setattr(Ranking, "from_scores", classmethod(counting))
+    calls = count_sorts
     first = session.prune("global_magnitude", 0.5)
     assert len(calls) == 1
     for s in (0.1, 0.7, 0.95):
