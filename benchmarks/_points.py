@@ -38,3 +38,24 @@ def write_results(out: Path, stem: str, result: dict, text: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(text)
     sys.stdout.write(text)
+
+
+def results_folder(args, name: str) -> tuple[Path, str, Path]:
+    """A reproduction's ``(out folder, stem, points file)``: ``<out>/<name>[_quick]_points.csv``, the folder made."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_quick" if args.quick else name
+    return out, stem, out / f"{stem}_points.csv"
+
+
+def script_parser(doc: str, *, quick_help: str, data_root: Path | None = None):
+    """The options every reproduction script takes: --quick, --out, --seeds (and --data-root for MNIST)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
+    if data_root is not None:
+        p.add_argument("--data-root", default=str(data_root), help="folder with the MNIST IDX files")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    return p

@@ -16,7 +16,6 @@ every 5 ms) are recorded per pruning call.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import copy
 import csv
@@ -34,7 +33,7 @@ import torch
 import prune_lab as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared points cache, beside this script
-from _points import points_key, read_points, write_table  # noqa: E402
+from _points import points_key, read_points, results_folder, script_parser, write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist-t10k"
@@ -120,13 +119,10 @@ def load_points(path: Path, key: str) -> dict:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "cbs_mlpnet_quick" if args.quick else "cbs_mlpnet"
+    out, stem, points_path = results_folder(args, "cbs_mlpnet")
     cfg = settings(args)
     # seeds and sparsities are part of each point, not of the settings they share
     key = points_key({k: v for k, v in cfg.items() if k not in ("seeds", "sparsities")})
-    points_path = out / f"{stem}_points.csv"
     done = load_points(points_path, key) if not args.fresh else {}
     fields = ["key", "seed", "method", "sparsity", "accuracy", "loss", "seconds", "peak_mb", "dense_accuracy"]
     new_file = not points_path.is_file() or args.fresh
@@ -326,11 +322,7 @@ def plot(s: dict, path: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run on scikit-learn digits")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
-    p.add_argument("--data-root", default=str(SHARED_MNIST), help="folder with the MNIST IDX files")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p = script_parser(__doc__, quick_help="seconds-long smoke run on scikit-learn digits", data_root=SHARED_MNIST)
     p.add_argument("--sparsities", type=float, nargs="+", default=None)
     p.add_argument("--n-samples", type=int, default=None, help="N gradients for the Fisher (default 1000)")
     p.add_argument("--damping", type=float, default=1e-3)

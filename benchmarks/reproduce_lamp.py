@@ -22,7 +22,6 @@ Allocation colours (a fixed palette of this script, Okabe–Ito): global #E69F00
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import csv
 import json
@@ -39,9 +38,8 @@ from prune_lab.analysis.collapse import layer_collapse
 from prune_lab.engine.iterative import iterative_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared points cache, beside this script
-from _points import points_key, read_points, write_table  # noqa: E402
+from _points import points_key, read_points, results_folder, script_parser, write_table  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ALLOCATIONS = ("global", "uniform", "uniform_plus", "erk", "lamp")
 LABELS = {"global": "Global MP", "uniform": "Uniform", "uniform_plus": "Uniform+", "erk": "ERK", "lamp": "LAMP"}
 #: fixed allocation palette (Okabe–Ito, colour-blind safe); documented in the module docstring and the report
@@ -69,12 +67,9 @@ def run(args) -> dict:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "lamp_conv6_quick" if args.quick else "lamp_conv6"
+    out, stem, points_path = results_folder(args, "lamp_conv6")
     cfg = settings(args)
     key = points_key(cfg)
-    points_path = out / f"{stem}_points.csv"
     done = {} if args.fresh else load_points(points_path, key)
     done = {k: v for k, v in done.items() if len(v) == args.rounds + 1}  # complete trajectories only
     data = pl.data.digits()
@@ -328,10 +323,7 @@ def plot_layers(s: dict, path: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p = script_parser(__doc__, quick_help="seconds-long smoke run")
     p.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--rate", type=float, default=None, help="fraction of survivors pruned per round (LAMP: 0.2)")

@@ -21,7 +21,6 @@ scaled down from 50k steps each to ``--pretrain-steps`` / ``--retrain-steps``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import copy
 import csv
@@ -40,7 +39,7 @@ from prune_lab.core.allocation import list_allocations, register_allocation
 from prune_lab.core.validation import round_half_up
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared points cache, beside this script
-from _points import points_key, read_points, write_table  # noqa: E402
+from _points import points_key, read_points, results_folder, script_parser, write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist-t10k"
@@ -125,12 +124,9 @@ def run(args) -> dict:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "lap_fcn_quick" if args.quick else "lap_fcn"
+    out, stem, points_path = results_folder(args, "lap_fcn")
     cfg = settings(args)
     key = points_key(cfg)
-    points_path = out / f"{stem}_points.csv"
     done = {} if args.fresh else load_points(points_path, key)
     data = load_data(args)
     train_kw = dict(optimizer="adam", lr=1.2e-3, batch_size=60, progress=False)
@@ -320,11 +316,7 @@ def plot(s: dict, path: Path, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run on scikit-learn digits")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
-    p.add_argument("--data-root", default=str(SHARED_MNIST), help="folder with the MNIST IDX files")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p = script_parser(__doc__, quick_help="seconds-long smoke run on scikit-learn digits", data_root=SHARED_MNIST)
     p.add_argument("--ks", type=int, nargs="+", default=None, help="LAP steps k (4 … 10 = 6.36 … 0.12 %% remaining)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--pretrain-steps", type=int, default=None)
