@@ -94,6 +94,16 @@ class PruneSession(EngineSession):
             return {n: result.weights[n].to(params[n].device, params[n].dtype) for n in result.layers}
         return {n: params[n].detach() * result.masks[n].to(params[n].device) for n in result.layers}
 
+    def _pruned_copy(self, result: PruneResult) -> torch.nn.Module:
+        """A copy of the model holding ``result``'s updated weights, if any (its masks still to apply)."""
+        model = copy.deepcopy(self.model)
+        if result.weights is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, w in result.weights.items():
+                    params[n].copy_(w)
+        return model
+
     def _eval_key(self, result, data, kw) -> tuple:
         return ("eval", self.fingerprint, self._data_id(data), _result_key(result), tuple(sorted(kw.items())))
 
@@ -122,12 +132,7 @@ class PruneSession(EngineSession):
         hit = self._evals.get(key)
         kw = {"device": self.device, **kw}  # on the session's device (copies of the weights when not already there)
         if hit is None and recal:
-            model = copy.deepcopy(self.model)
-            if result.weights is not None:
-                params = dict(model.named_parameters())
-                with torch.no_grad():
-                    for n, w in result.weights.items():
-                        params[n].copy_(w)
+            model = self._pruned_copy(result)
             recalibrate(model, data, masks=result.masks, inplace=True)
             hit = evaluate(model, data, masks=result.masks, **kw)
             self._evals[key] = hit
@@ -336,12 +341,7 @@ class PruneSession(EngineSession):
                    tuple(sorted((k, repr(v)) for k, v in finetune.items())))
             hit = self._evals.get(key)
             if hit is None:
-                model = copy.deepcopy(self.model)
-                if res.weights is not None:
-                    params = dict(model.named_parameters())
-                    with torch.no_grad():
-                        for n, w in res.weights.items():
-                            params[n].copy_(w)
+                model = self._pruned_copy(res)
                 train(model, data, masks=res.masks, seed=seed, **{"progress": False, **finetune})
                 hit = evaluate(model, data, masks=res.masks)
                 self._evals[key] = hit
