@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.distortion import lookahead_distortion
+from ..core.lookahead import LookaheadCache
 from ..core.validation import check_sparsity
 from ..data import calibration_batch, data_identity
 from ..engine.result import PruneResult
@@ -60,6 +60,7 @@ class PruneSession(EngineSession):
         self._evals: dict = {}
         self._identities: dict = {}
         self._dense_out: dict = {}
+        self._lookahead = None  # (fingerprint, LookaheadCache)
 
     # ------------------------------------------------------------------------------------------------------------
     @_locked
@@ -73,6 +74,12 @@ class PruneSession(EngineSession):
         return super().scores(*args, **kwargs)
 
     scores.__doc__ = EngineSession.scores.__doc__
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The session's lock: every evaluating call holds it, and a dashboard or a cell that runs several calls
+        as one step (``with session.lock: ...``) shares it."""
+        return self._lock
 
     def _data_id(self, data) -> str:
         hit = self._identities.get(id(data))
@@ -152,16 +159,15 @@ class PruneSession(EngineSession):
         (``mean_x ‖f(x;W) − f(x;W̃)‖ / ‖f(x;W)‖`` on a calibration batch) and ``loss_change``.
         Updated weights are used when the method provides them."""
         state = self._snapshot()
+        cache = self._lookahead_cache(state) if lookahead else None
         rows = []
-        for n in result.layers:
-            i = result.layers.index(n)
+        for i, n in enumerate(result.layers):
             row = {"layer": n, "n_weights": result.numel[i], "sparsity": result.layer_sparsity[n],
                    "frobenius": result.frobenius[n], "relative_frobenius": result.relative_frobenius[n]}
             if lookahead:
-                pruned = (result.weights[n] if result.weights is not None else
-                          state.weights[n] * result.masks[n].to(state.weights[n].device))
-                row["lookahead"] = lookahead_distortion(self.graph, state.weights, n, pruned, state.scales)
-                full = self._full_lookahead(n, state)
+                row["lookahead"] = cache.distortion(n, result.masks[n], None if result.weights is None else
+                                                    result.weights[n])
+                full = cache.full(n)
                 row["relative_lookahead"] = row["lookahead"] / full if full > 0 else 0.0
             rows.append(row)
         df = pd.DataFrame(rows)
@@ -171,7 +177,7 @@ class PruneSession(EngineSession):
                  max(math.sqrt(sum(v ** 2 for v in result.weight_norms.values())), 1e-30)}
         if lookahead:
             total["lookahead"] = math.sqrt(float((df["lookahead"] ** 2).sum()))
-            full = math.sqrt(sum(self._full_lookahead(n, state) ** 2 for n in result.layers))
+            full = math.sqrt(sum(cache.full(n) ** 2 for n in result.layers))
             total["relative_lookahead"] = total["lookahead"] / full if full > 0 else 0.0
         data = data if data is not None else self.data
         if data is not None and output:
@@ -180,15 +186,16 @@ class PruneSession(EngineSession):
         df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity)
         return df
 
-    def _full_lookahead(self, name: str, state) -> float:
-        """``‖W₊ W W₋‖`` (the whole layer removed): the scale of the relative lookahead distortion."""
-        key = ("full_lookahead", state.fingerprint, name)
-        hit = self._evals.get(key)
-        if hit is None:
-            w = state.weights[name]
-            hit = lookahead_distortion(self.graph, state.weights, name, torch.zeros_like(w), state.scales)
-            self._evals[key] = hit
-        return hit
+    def _lookahead_cache(self, state) -> LookaheadCache:
+        """The lookahead factors of the current weights (see :mod:`prune_lab.core.lookahead`), built once per
+        weights fingerprint, layer by layer on first use."""
+        if self._lookahead is None or self._lookahead[0] != state.fingerprint:
+            self._lookahead = (state.fingerprint, LookaheadCache(self.graph, state.weights, state.scales))
+        return self._lookahead[1]
+
+    def clear_cache(self):
+        super().clear_cache()
+        self._lookahead = None
 
     @_locked
     def output_distortion(self, result: PruneResult, *, data=None, n: int = 256) -> dict:

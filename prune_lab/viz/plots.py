@@ -38,6 +38,16 @@ def method_color(method: str):
     return _PALETTE[i % len(_PALETTE)]
 
 
+def method_label(method: str) -> str:
+    """The display name of ``method`` (the registry's label, e.g. ``"Global MP"``); unknown names as they are."""
+    from ..methods import get_method
+
+    try:
+        return get_method(method).label
+    except ValueError:
+        return method
+
+
 @contextlib.contextmanager
 def paper_style():
     """Seaborn's whitegrid/paper style for the figures made inside, without changing global settings."""
@@ -177,12 +187,14 @@ def update_bars(fig: Figure, data: pd.DataFrame, title: str | None = None) -> bo
 
 
 def plot_accuracy_curve(data: pd.DataFrame, *, current: float | None = None, dense: float | None = None, ax=None,
-                        log_remaining: bool = False, title=None, metric: str = "accuracy") -> Figure:
+                        log_remaining: bool = False, title=None, metric: str = "accuracy",
+                        figsize=(6.4, 3.8)) -> Figure:
     """Accuracy (or ``metric="perplexity"``, on a log axis) vs sparsity, one line per method (mean ± std over
     seeds), the current sparsity marked.
 
     ``data``: ``method, sparsity`` and the metric's column (+ ``seed``): e.g. ``session.sweep(...)``.
-    ``log_remaining``: x is the remaining-weights percentage on a log axis (for extreme sparsity).
+    ``log_remaining``: x is the remaining-weights percentage on a log axis (ticks 100 %, 10 %, 1 %, 0.1 %), which
+    opens up the high-sparsity end. Legends use the methods' display names.
     """
     if metric not in ("accuracy", "perplexity"):
         raise ValueError(f"unknown metric {metric!r}; valid choices: 'accuracy', 'perplexity'.")
@@ -190,11 +202,11 @@ def plot_accuracy_curve(data: pd.DataFrame, *, current: float | None = None, den
     if "finetuned" in data:
         data = data[~data["finetuned"].astype(bool)]
     with paper_style():
-        fig, ax = _figure((6.4, 3.8), ax)
+        fig, ax = _figure(figsize, ax)
         for m in dict.fromkeys(data["method"]):
             g = data[data.method == m].groupby("sparsity")[metric].agg(["mean", "std", "count"]).reset_index()
             x = (1 - g["sparsity"]) * 100 if log_remaining else g["sparsity"]
-            ax.plot(x, g["mean"] * scale, "o-", color=method_color(m), label=m, markersize=4)
+            ax.plot(x, g["mean"] * scale, "o-", color=method_color(m), label=method_label(m), markersize=4)
             if (g["count"] > 1).any():
                 ax.fill_between(x, (g["mean"] - g["std"].fillna(0)) * scale, (g["mean"] + g["std"].fillna(0)) * scale,
                                 color=method_color(m), alpha=0.2, linewidth=0)
@@ -204,9 +216,14 @@ def plot_accuracy_curve(data: pd.DataFrame, *, current: float | None = None, den
             ax.axvline((1 - current) * 100 if log_remaining else current, color="0.2", linestyle="--", linewidth=1,
                        label=f"current ({current:.3g})")
         if log_remaining:
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
             ax.set_xscale("log")
-            ax.invert_xaxis()
-            ax.set_xlabel("remaining weights (%, log scale)")
+            ax.set_xlim(100 * 1.15, min(0.1, float((1 - data["sparsity"]).min() * 100) if len(data) else 0.1) / 1.15)
+            ax.xaxis.set_major_locator(LogLocator(base=10))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g} %"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("remaining weights (log scale)")
         else:
             ax.set_xlabel("sparsity (fraction of prunable weights removed)")
             ax.set_xlim(-0.02, 1.0)

@@ -1,9 +1,24 @@
 """PruneLab: the ipywidgets dashboard, a thin view over a traitlets state.
 
-Controls are linked to :class:`LabState`; one controller turns state changes into engine calls. Panels that
-depend only on cached rankings (layer sparsity, distortion, summary) redraw at once while the slider moves;
-accuracy evaluation runs after the drag settles (debounced), with a busy indicator. Errors show in the dashboard.
-Every button calls a public method (``export``, ``refresh_accuracy``) that tests call directly.
+How a slider move becomes pixels, on a model of any size:
+
+- Controls are linked to :class:`LabState`. A state change only bumps a generation counter and wakes one worker
+  thread (the kernel's message loop never waits on a draw), so during a drag the newest value wins: the worker
+  draws the latest state whenever it is free, and no stale position is replayed after mouse-up.
+- A *frame* (the fast path): per method a cached-ranking lookup (:meth:`PruneSession.prune`), the per-layer
+  sparsity and single-layer distortion that come with it, the summary counts, and a blitted redraw of the layer
+  panel (a few ``PolyCollection``\\ s) and of the accuracy panel's current-sparsity marker. Every panel, the
+  readout, the status and the marker are set from the same state in the same frame.
+- When the slider has rested ``debounce_s`` seconds, the *rest* phase: methods that are expensive per sparsity
+  (sequential LAP, SynFlow, WoodFisher, CBS, layerwise OBS) are computed at the current point, the lookahead
+  distortion (:mod:`prune_lab.core.lookahead`), then accuracy, loss, output distortion and BatchNorm-recalibrated
+  accuracy; finally the accuracy curves of expensive methods fill in over the grid with a progress bar. A newer
+  slider move stops the rest phase between steps; what it finished stays cached.
+
+Every lookup goes through one key (:meth:`PruneLab.query`): method, sparsity rounded to the slider's precision,
+allocation, hyperparameters and layer overrides. Hovering a bar or a point says what it is; clicking a layer
+selects it for the overrides; the legend's toggles hide or show a method. ``debounce_s=0`` runs everything in
+line (no thread): tests and scripts use it. Every button calls a public method that tests call directly.
 """
 from __future__ import annotations
 
@@ -22,10 +37,13 @@ from traitlets import Bool, Dict, Float, HasTraits, Tuple, Unicode
 from .. import __version__
 from ..core.allocation import get_allocation, list_allocations
 from ..methods import get_method, list_methods
+from ..viz import layers as layer_plots
 from ..viz import plots
 
 PAPER_DEFAULT = "(paper default)"
 DEFAULT_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+DIGITS = 4  # sparsity precision of every key (the log slider reaches 0.1 % remaining in steps finer than 0.001)
+DPI = 96  # figures are drawn at the screen's resolution: a point of text is a point on screen
 
 
 class LabState(HasTraits):
@@ -37,105 +55,138 @@ class LabState(HasTraits):
     evaluate = Bool(True)
     log_remaining = Bool(False)
     overrides = Dict()  # {layer: sparsity}: locked layers (0.0 = excluded, dense)
+    hidden = Tuple()  # methods hidden from the panels (legend toggles)
+    selected_layer = Unicode("")
     busy = Bool(False)
     error = Unicode("")
     status = Unicode("")
 
     @traitlets.validate("sparsity")
     def _valid_sparsity(self, proposal):
-        return float(min(max(proposal["value"], 0.0), 0.999))
+        return round(float(min(max(proposal["value"], 0.0), 0.999)), DIGITS)
 
 
-def _png(fig, dpi=80) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
+class LiveFigure:
+    """A figure drawn again and again while only its animated artists change (blitting).
 
-
-class LiveRenderer:
-    """Renders a bar figure again and again while only its bars change (blitting).
-
-    The first render draws everything except the bars and keeps each axes' background; later renders restore the
-    backgrounds and draw the bars alone, then encode the PNG fast. About ten times cheaper than a full draw; a full
-    draw happens again when the figure is new or an axis had to change.
+    The first render lays the figure out and draws everything but ``animated()``; the background is kept, and later
+    renders restore it, draw the animated artists and encode the PNG. A full draw happens again after
+    :meth:`invalidate` (an axis changed) or when the figure is replaced.
     """
 
-    def __init__(self, dpi: int = 80):
-        self.dpi = dpi
-        self.fig = None
-        self.backgrounds = None
+    def __init__(self, fig, animated):
+        self.fig, self.animated, self.background = fig, animated, None
 
-    def render(self, fig) -> bytes:
+    def invalidate(self):
+        self.background = None
+
+    def render(self) -> bytes:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from PIL import Image
 
-        bars = [p for ax in fig.axes for c in ax.containers for p in c.patches]
-        if fig is not self.fig or getattr(fig, "layout_changed", False) or self.backgrounds is None:
+        fig = self.fig
+        artists = self.animated()
+        if self.background is None or getattr(fig, "layout_changed", False):
             canvas = FigureCanvasAgg(fig)
-            fig.set_dpi(self.dpi)
-            for p in bars:
-                p.set_animated(True)
-            canvas.draw()  # lays the figure out once and draws all but the bars
-            fig.set_layout_engine("none")  # keep that layout: later renders only move bars
-            self.backgrounds = [canvas.copy_from_bbox(ax.bbox) for ax in fig.axes]
-            self.fig = fig
+            for a in artists:
+                a.set_animated(True)
+            canvas.draw()
+            fig.set_layout_engine("none")  # keep this layout: later renders only redraw the animated artists
+            self.background = canvas.copy_from_bbox(fig.bbox)
             fig.layout_changed = False
         canvas = fig.canvas
-        for ax, bg in zip(fig.axes, self.backgrounds):
-            canvas.restore_region(bg)
-            for c in ax.containers:
-                for p in c.patches:
-                    ax.draw_artist(p)
+        canvas.restore_region(self.background)
+        for a in artists:
+            if a.get_visible():
+                (a.axes.draw_artist if a.axes is not None else fig.draw_artist)(a)
         buf = io.BytesIO()
         Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
         return buf.getvalue()
 
 
+def _full_png(fig, dpi=DPI) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
 class PruneLab:
     """The dashboard. ``display(pl.PruneLab(session))`` in a notebook (or ``lab.widget``).
 
-    ``methods``: the methods offered (default: every registered method the session can run); the first three are
-    selected. ``debounce_s``: seconds the slider must rest before accuracy is evaluated (0: at once, in-line).
+    ``methods``: the methods offered (default: every registered method); the first three runnable of magnitude,
+    LAMP, LAP are selected. ``debounce_s``: seconds the slider must rest before the rest phase (lookahead, accuracy,
+    expensive methods); 0 runs everything in line. ``width``: the panels' width in pixels (they follow the
+    notebook's width when it is narrower, at the first hover). ``input_shape``: one input sample's shape, for
+    data-free methods that need one (SynFlow) when the session has no data.
     """
 
     def __init__(self, session, methods=None, *, selected=None, sparsity: float = 0.9, grid=DEFAULT_GRID,
-                 debounce_s: float = 0.4):
+                 debounce_s: float = 0.4, width: int = 960, panel_height: int = 520, input_shape=None):
         self.session = session
-        self.grid = tuple(grid)
+        self.grid = tuple(round(float(s), DIGITS) for s in grid)
         self.debounce_s = debounce_s
+        self.width = int(width)
+        self.panel_height = int(panel_height)
         offered = list(methods) if methods is not None else list_methods()
         for m in offered:
             get_method(m)
         self.offered = offered
+        self.hyperparameters: dict = {m: {} for m in offered}
+        if input_shape is not None:
+            for m in offered:
+                if "input_shape" in {f[0] for f in get_method(m).hyperparameter_fields()}:
+                    self.hyperparameters[m]["input_shape"] = tuple(input_shape)
         self.unavailable = {m: self._why_unavailable(m) for m in offered}
         runnable = [m for m in offered if not self.unavailable[m]]
         chosen = tuple(selected) if selected is not None else tuple(
             [m for m in ("magnitude", "lamp", "lap") if m in runnable] or runnable[:3])
         self.state = LabState(sparsity=sparsity, methods=chosen)
-        self.hyperparameters: dict = {m: {} for m in offered}
+        self.has_data = getattr(session, "data", None) is not None
+        self.show_lookahead = bool(getattr(session.graph, "exact", True))
         self.figures: dict = {}
+        self.live: dict = {}
         self.summary = pd.DataFrame()
         self.results: dict = {}
+        self.pending: list = []
         self.timings: dict = {}
-        self._lock = getattr(session, "_lock", threading.RLock())  # one lock per session, shared with cells
-        self._timer = None
-        self._live = {"sparsity": LiveRenderer(), "distortion": LiveRenderer()}
+        self.frames: list = []  # (perf_counter, generation, sparsity, kind): what was drawn when
+        self._lookahead: dict = {}  # query → {layer: relative lookahead}
+        self._computed: set = set()  # expensive queries already computed
+        self._last_valid = None
+        self._lock = getattr(session, "lock", None) or threading.RLock()
+        self._generation = 0
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._closed = False
+        self._worker = None
         self._build()
-        self._computed: set = set()  # expensive points already computed (drawn while dragging only once cached)
-        self.state.observe(self._on_fast_change, names=["sparsity", "methods", "allocation", "log_remaining",
-                                                        "overrides"])
-        self.state.observe(self._on_evaluate_toggle, names=["evaluate"])
+        self.state.observe(self._on_change, names=["sparsity", "methods", "allocation", "log_remaining",
+                                                   "overrides", "hidden", "evaluate", "selected_layer"])
         self.state.observe(self._show_status, names=["busy", "error", "status"])
-        self.redraw()
-        self.refresh_accuracy() if self.debounce_s == 0 else self._schedule()
+        t0 = time.perf_counter()
+        self._guard(self.redraw)
+        self.timings["first_frame_s"] = time.perf_counter() - t0
+        if self.debounce_s == 0:
+            self._guard(self.refresh_accuracy)
+            self._idle.set()
+        else:
+            self._worker = threading.Thread(target=self._loop, name="prune-lab", daemon=True)
+            self._worker.start()
+            self._wake.set()
 
     # ------------------------------------------------------------------------------------------------------------
     # building the view
     # ------------------------------------------------------------------------------------------------------------
     def _why_unavailable(self, method: str) -> str:
         spec = get_method(method)
-        if "data" in spec.needs and self.session.data is None:
+        if "data" in spec.needs and getattr(self.session, "data", None) is None:
             return "needs data: create the session with data=..."
+        if "graph" in spec.needs and not getattr(self.session.graph, "exact", True):
+            return "needs a traced layer graph: torch.fx could not trace this model"
+        fields = {f[0] for f in spec.hyperparameter_fields()}
+        if "input_shape" in fields and getattr(self.session, "data", None) is None and \
+                self.hyperparameters[method].get("input_shape") is None:
+            return "needs an input shape: PruneLab(session, input_shape=(3, 224, 224)) or a session with data"
         return ""
 
     def _build(self):
@@ -155,7 +206,7 @@ class PruneLab:
         self.remaining_slider.observe(self._from_remaining, names="value")
         st.observe(self._to_remaining, names="sparsity")
         self.log_toggle = widgets.Checkbox(value=st.log_remaining, description="log scale (remaining weights)",
-                                           indent=False)
+                                           indent=False, layout=widgets.Layout(width="240px"))
         widgets.link((self.log_toggle, "value"), (st, "log_remaining"))
         self.log_toggle.observe(self._swap_sliders, names="value")
         self.method_boxes = {}
@@ -163,7 +214,8 @@ class PruneLab:
             spec = get_method(m)
             why = self.unavailable[m]
             box = widgets.Checkbox(value=m in st.methods, description=spec.label, indent=False,
-                                   disabled=bool(why), tooltip=why or f"{spec.description} — {spec.reference}",
+                                   disabled=bool(why),
+                                   tooltip=f"unavailable: {why}" if why else f"{spec.description} — {spec.reference}",
                                    layout=widgets.Layout(width="220px"))
             box.observe(self._on_method_box, names="value")
             self.method_boxes[m] = box
@@ -172,12 +224,16 @@ class PruneLab:
                                            tooltip="; ".join(f"{a}: {get_allocation(a).description}"
                                                              for a in list_allocations()))
         widgets.link((self.allocation, "value"), (st, "allocation"))
-        self.evaluate_box = widgets.Checkbox(value=st.evaluate, description="evaluate accuracy", indent=False)
+        self.evaluate_box = widgets.Checkbox(value=st.evaluate, description="evaluate accuracy", indent=False,
+                                             disabled=not self.has_data,
+                                             tooltip="" if self.has_data else "needs data: create the session "
+                                                                               "with data=...")
         widgets.link((self.evaluate_box, "value"), (st, "evaluate"))
         self.hp_box = widgets.VBox()
         layers = list(self.session.layer_names)
         self.override_layer = widgets.Dropdown(options=layers, description="layer",
-                                               layout=widgets.Layout(width="300px"))
+                                               layout=widgets.Layout(width="380px"))
+        self.override_layer.observe(lambda c: setattr(self.state, "selected_layer", c["new"] or ""), names="value")
         self.override_mode = widgets.ToggleButtons(options=["free", "lock", "exclude"], value="lock",
                                                    tooltips=["back to the allocation", "lock at a sparsity",
                                                              "keep dense"])
@@ -190,17 +246,34 @@ class PruneLab:
         self.override_list = widgets.HTML()
         self.export_path = widgets.Text(value="figures", description="folder")
         self.export_button = widgets.Button(description="Export", icon="download",
-                                            tooltip="PNG (300 dpi), PDF, SVG, CSV and settings JSON")
+                                            tooltip="PNG (300 dpi), PDF, SVG, CSV and settings JSON, into a new "
+                                                    "sub-folder when the folder is not empty")
         self.export_button.on_click(lambda _: self._guard(lambda: self.export(self.export_path.value)))
         self.refresh_button = widgets.Button(description="Evaluate now", icon="refresh",
-                                             tooltip="evaluate accuracy at the current sparsity and the grid")
+                                             tooltip="compute everything at the current sparsity now")
         self.refresh_button.on_click(lambda _: self._guard(self.refresh_accuracy))
         self.busy = widgets.HTML()
         self.status = widgets.HTML()
         self.error = widgets.HTML()
-        self.images = {k: widgets.Image(format="png") for k in ("sparsity", "distortion", "accuracy")}
+        self.hover = widgets.HTML(layout=widgets.Layout(min_height="22px"))
+        self.hover.add_class("prune-lab-hover")
+        self.progress = widgets.IntProgress(min=0, max=1, value=0, description="",
+                                            layout=widgets.Layout(width="200px", visibility="hidden"))
+        self.progress_label = widgets.HTML()
+        self.panel_state = {k: widgets.HTML(layout=widgets.Layout(display="none")) for k in ("layers", "accuracy")}
+        for w in self.panel_state.values():
+            w.add_class("prune-lab-panel-state")
+        self.images = {k: widgets.Image(format="png") for k in ("layers", "accuracy")}
+        self.images["layers"].add_class("prune-lab-layers")
+        self.images["accuracy"].add_class("prune-lab-accuracy")
+        self.no_data = widgets.HTML(
+            "<span class='prune-lab-no-data' style='color:#555'>Accuracy vs sparsity: no evaluation data — create "
+            "the session with <code>data=...</code> to see it.</span>")
+        self.legend = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.summary_html = widgets.HTML()
         self._build_hyperparameters()
+        self._build_legend()
+        self._connect_pointer()
         methods_grid = widgets.GridBox(list(self.method_boxes.values()),
                                        layout=widgets.Layout(grid_template_columns="repeat(4, 225px)"))
         controls = widgets.VBox([
@@ -213,13 +286,49 @@ class PruneLab:
             self.override_list,
             self.hp_box,
         ])
+        self.layer_box = widgets.Box([self.images["layers"]], layout=widgets.Layout(
+            max_height=f"{self.panel_height}px", overflow="hidden auto", width="100%",
+            border="1px solid #ddd"))
+        accuracy = self.images["accuracy"] if self.has_data else self.no_data
         panels = widgets.VBox([
-            widgets.HBox([self.images["sparsity"], self.images["accuracy"]]),
-            self.images["distortion"],
-            self.summary_html,
-        ])
+            self.legend,
+            self.hover,
+            self.layer_box,
+            widgets.HBox([accuracy, self.summary_html], layout=widgets.Layout(flex_flow="row wrap")),
+            widgets.HBox([self.progress, self.progress_label]),
+        ] + list(self.panel_state.values()))
         self.widget = widgets.VBox([controls, self.error, self.status, panels])
         self.widget.add_class("prune-lab")
+
+    def _build_legend(self):
+        """One toggle per selected method, in its colour: click to hide or show it in every panel."""
+        buttons = {}
+        for m in self.state.methods:
+            b = widgets.ToggleButton(value=m not in self.state.hidden, description=get_method(m).label,
+                                     tooltip=f"show/hide {get_method(m).label}", icon="eye",
+                                     layout=widgets.Layout(width="auto"))
+            b.style.button_color = _hex(plots.method_color(m))
+            b.style.text_color = "white"
+            b.style.font_weight = "bold"
+            b.observe(lambda c, m=m: self.toggle_method(m, c["new"]), names="value")
+            buttons[m] = b
+        self.legend_buttons = buttons
+        self.legend.children = [widgets.HTML("<span style='color:#555'>methods (click to hide/show):&nbsp;</span>")
+                                ] + list(buttons.values())
+
+    def _connect_pointer(self):
+        """Hover and click on the panels (ipyevents: the pointer's position in the image's own pixels)."""
+        try:
+            from ipyevents import Event
+        except ImportError:  # without ipyevents the panels are plain images
+            self._events = []
+            return
+        self._events = []
+        for name in self.images:
+            ev = Event(source=self.images[name], watched_events=["mousemove", "click", "mouseleave"],
+                       throttle_or_debounce="throttle", wait=50)
+            ev.on_dom_event(lambda e, name=name: self._guard(lambda: self.pointer(name, e)))
+            self._events.append(ev)
 
     def _build_hyperparameters(self):
         rows = []
@@ -247,7 +356,7 @@ class PruneLab:
                 except (ValueError, SyntaxError):
                     self.state.error = f"{m}.{n}: {text!r} is not a Python literal such as (1, 28, 28)"
                     return
-                self._on_fast_change(None)
+                self._on_change(None)
 
             w.observe(typed, names="value")
             return w
@@ -267,13 +376,48 @@ class PruneLab:
 
         def changed(change, m=method, n=name):
             self.hyperparameters[m][n] = change["new"]
-            self._on_fast_change(None)
+            self._on_change(None)
 
         w.observe(changed, names="value")
         return w
 
     def _repr_mimebundle_(self, **kwargs):  # a notebook shows the dashboard when the lab is a cell's value
         return self.widget._repr_mimebundle_(**kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the one key
+    # ------------------------------------------------------------------------------------------------------------
+    def _allocation(self):
+        return None if self.state.allocation == PAPER_DEFAULT else self.state.allocation
+
+    def query(self, method: str, sparsity: float) -> tuple:
+        """The key of every lookup the lab makes: method, sparsity at the slider's precision, allocation,
+        hyperparameters and overrides (a slider value of 0.9000000000000001 is 0.9)."""
+        return (method, round(float(sparsity), DIGITS), self.state.allocation,
+                repr(sorted(self.hyperparameters.get(method, {}).items())), repr(sorted(self.state.overrides.items())))
+
+    def _result(self, method, sparsity):
+        """The engine's result for :meth:`query` ``(method, sparsity)`` (cached by the session)."""
+        q = self.query(method, sparsity)
+        with self._lock:
+            result = self.session.prune(method, q[1], allocation=self._allocation(),
+                                        overrides=dict(self.state.overrides) or None,
+                                        **self.hyperparameters.get(method, {}))
+        spec = get_method(method)
+        self._computed.add(q if spec.sparsity_dependent else q[:1] + q[2:])
+        return result
+
+    def _expensive(self, method) -> bool:
+        spec = get_method(method)
+        return spec.sparsity_dependent or "data" in spec.needs
+
+    def _ready(self, method, sparsity) -> bool:
+        """Cheap to draw while the slider moves: data-free, sparsity-independent scores (a cached ranking), or a
+        point computed before. Everything else waits for the slider to rest."""
+        if not self._expensive(method):
+            return True
+        q = self.query(method, sparsity)
+        return (q if get_method(method).sparsity_dependent else q[:1] + q[2:]) in self._computed
 
     # ------------------------------------------------------------------------------------------------------------
     # controller
@@ -285,7 +429,7 @@ class PruneLab:
     def _to_remaining(self, change):
         want = max(0.1, 100 * (1 - change["new"]))
         if abs(self.remaining_slider.value - want) > 1e-9 * want and not (
-                self.state.log_remaining and abs(1 - self.remaining_slider.value / 100 - change["new"]) < 1e-12):
+                self.state.log_remaining and abs(1 - self.remaining_slider.value / 100 - change["new"]) < 1e-4):
             self.remaining_slider.value = want
 
     def _swap_sliders(self, change):
@@ -303,32 +447,83 @@ class PruneLab:
         overrides = dict(self.state.overrides)
         overrides.pop(layer, None)
         if mode != "free":
-            overrides[layer] = 0.0 if mode == "exclude" else float(value)
+            overrides[layer] = 0.0 if mode == "exclude" else round(float(value), DIGITS)
         self.state.overrides = overrides
         self.override_list.value = "; ".join(
             f"{n}: {'excluded (dense)' if v == 0 else f'locked at {v:g}'}" for n, v in overrides.items())
 
+    def select_layer(self, layer: str):
+        """Select ``layer`` for the per-layer override controls (what a click on a layer does)."""
+        if layer not in self.session.layer_names:
+            raise ValueError(f"unknown layer {layer!r}; valid layers: {', '.join(self.session.layer_names)}.")
+        self.override_layer.value = layer
+        self.state.selected_layer = layer
+
+    def toggle_method(self, method: str, visible: bool | None = None):
+        """Hide or show ``method`` in every panel (what a legend toggle does)."""
+        hidden = set(self.state.hidden)
+        visible = (method in hidden) if visible is None else visible
+        (hidden.discard if visible else hidden.add)(method)
+        self.state.hidden = tuple(m for m in self.state.methods if m in hidden)
+        if method in getattr(self, "legend_buttons", {}):
+            self.legend_buttons[method].value = visible
+
     def _on_method_box(self, _):
         self.state.methods = tuple(m for m in self.offered if self.method_boxes[m].value)
         self._build_hyperparameters()
+        self._build_legend()
 
-    def _on_fast_change(self, _):
-        self.state.error = ""
-        self._guard(self.redraw)
-        self._schedule()
-
-    def _on_evaluate_toggle(self, _):
-        self._schedule()
-
-    def _schedule(self):
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.debounce_s == 0:
-            self._guard(self.refresh_accuracy)
+    def _on_change(self, _):
+        """Every state change: wake the worker (or, with ``debounce_s=0``, draw and rest in line)."""
+        self._generation += 1
+        self._idle.clear()
+        if self._worker is None:
+            self.state.error = ""
+            self._guard(self.redraw)
+            if self.debounce_s == 0:
+                self._guard(self.refresh_accuracy)
+            self._idle.set()
             return
-        self._timer = threading.Timer(self.debounce_s, lambda: self._guard(self.refresh_accuracy))
-        self._timer.daemon = True
-        self._timer.start()
+        self._wake.set()
+
+    def _loop(self):
+        while not self._closed:
+            self._wake.wait()
+            if self._closed:
+                return
+            self._wake.clear()
+            gen = self._generation
+            self.state.error = ""
+            self._guard(self.redraw)
+            if self._wake.wait(self.debounce_s):  # moved again before resting: draw the newest value
+                continue
+            self._guard(lambda: self._rest(gen))
+            if gen == self._generation and not self._wake.is_set():
+                self._idle.set()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until the dashboard has drawn everything for the current state (tests, benchmarks, scripts)."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self._idle.wait(max(0.0, deadline - time.perf_counter())) and not self._wake.is_set():
+                return True
+        return False
+
+    def wait_drawn(self, timeout: float = 60.0) -> bool:
+        """Block until a frame for the current state is on screen (the fast panels; the rest may still run)."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            gen = self._generation
+            if any(f[1] >= gen for f in self.frames[-4:]):
+                return True
+            time.sleep(0.002)
+        return False
+
+    def close(self):
+        """Stop the worker thread and close the widgets."""
+        self._closed = True
+        self._wake.set()
+        self.widget.close()
 
     def _guard(self, fn):
         try:
@@ -340,158 +535,285 @@ class PruneLab:
 
     def _show_status(self, _=None):
         st = self.state
-        self.busy.value = "<span style='color:#b36b00'>⏳ evaluating…</span>" if st.busy else ""
+        self.busy.value = "<span style='color:#b36b00'>⏳ working…</span>" if st.busy else ""
         self.error.value = (f"<div class='prune-lab-error' style='color:#b00020;font-weight:bold'>⚠ "
                             f"{_escape(st.error)}</div>") if st.error else ""
         self.status.value = f"<span class='prune-lab-status' style='color:#555'>{_escape(st.status)}</span>"
 
-    def _allocation(self):
-        return None if self.state.allocation == PAPER_DEFAULT else self.state.allocation
-
-    def _prune(self, method, sparsity):
-        with self._lock:
-            result = self.session.prune(method, sparsity, allocation=self._allocation(),
-                                        overrides=dict(self.state.overrides) or None,
-                                        **self.hyperparameters.get(method, {}))
-        self._computed.add(self._point(method, sparsity))
-        return result
-
-    def _point(self, method, sparsity):
-        """What an expensive result depends on: sparsity-dependent methods per sparsity, others once."""
-        spec = get_method(method)
-        return (method, self.state.allocation, repr(sorted(self.hyperparameters.get(method, {}).items())),
-                repr(sorted(self.state.overrides.items())),
-                round(sparsity, 6) if spec.sparsity_dependent else None)
-
-    def _ready(self, method, sparsity) -> bool:
-        """Cheap to draw while the slider moves: data-free, sparsity-independent scores (a cached ranking), or a
-        point computed before. Everything else waits for the slider to rest."""
-        spec = get_method(method)
-        cheap = not spec.sparsity_dependent and "data" not in spec.needs
-        return cheap or self._point(method, sparsity) in self._computed
+    # ------------------------------------------------------------------------------------------------------------
+    # the fast path: a frame
+    # ------------------------------------------------------------------------------------------------------------
+    def _layer_table(self, results: dict, s: float) -> pd.DataFrame:
+        parts = []
+        for m, r in results.items():
+            look = self._lookahead.get(self.query(m, s), {})
+            parts.append(pd.DataFrame({
+                "method": m, "layer": list(r.layers), "n_weights": list(r.numel),
+                "sparsity": [p / n for p, n in zip(r.pruned, r.numel)],
+                "relative_frobenius": [r.relative_frobenius[n] for n in r.layers],
+                "relative_lookahead": [look.get(n, np.nan) for n in r.layers]}))
+        return pd.concat(parts, ignore_index=True)
 
     def redraw(self):
-        """Recompute the sparsity-dependent panels (layer sparsity, distortion, summary) for the current state."""
+        """Draw a frame for the current state: per-layer sparsity and single-layer distortion of every ready
+        method, lookahead where computed, summary counts, and the accuracy marker — all at one sparsity."""
         t0 = time.perf_counter()
+        gen = self._generation
         st = self.state
         s = st.sparsity
-        self.remaining.value = f"remaining weights: <b>{(1 - s) * 100:.3g} %</b>"
-        results, errors = {}, []
+        results, errors = {}, {}
         self.pending = [m for m in st.methods if not self._ready(m, s)]
         for m in st.methods:
             if m in self.pending:
                 continue
             try:
-                results[m] = self._prune(m, s)
-            except ValueError as exc:  # e.g. an allocation that cannot reach this sparsity: say so, draw the rest
-                errors.append(f"{m}: {exc}")
-        self.results = results
+                results[m] = self._result(m, s)
+            except ValueError as exc:  # e.g. an allocation or overrides that cannot reach this sparsity
+                errors.setdefault(str(exc).split("\n")[0], []).append(get_method(m).label)
+        shown, fallback = s, False
+        if errors and not results and self._last_valid is not None:
+            (shown, results), fallback = self._last_valid, True  # keep the last valid state, marked as such
+        elif results:
+            self._last_valid = (s, results)
+        self.results = {} if fallback else results
+        note = f" (last reachable state, sparsity {shown:.3f})" if fallback else ""
         if results:
-            table = pd.concat([_layer_rows(m, r) for m, r in results.items()], ignore_index=True)
-            with self._lock:
-                dist = pd.concat([self.session.distortion(r, output=False).assign(method=m)
-                                  for m, r in results.items()], ignore_index=True)
-            for name, data, make in (("sparsity", table, lambda: plots.plot_layer_sparsity(table)),
-                                     ("distortion", dist, lambda: plots.plot_distortion(dist))):
-                fig = self.figures.get(name)
-                if fig is None or not plots.update_bars(fig, data):
-                    fig = self.figures[name] = make()
-                self._show(name, fig, live=True)
+            table = self._layer_table(results, shown)
+            look = ("lookahead: at this sparsity" if table["relative_lookahead"].notna().all() else
+                    "lookahead: computed when the slider rests")
+            title = f"sparsity {shown:.3f}{note} · {look}" if self.show_lookahead else f"sparsity {shown:.3f}{note}"
+            self._draw_layers(table, title)
+            self.panel_state["layers"].value = f"layers: sparsity={shown:.3f}{note}"
+        self._draw_marker(shown)
         self._update_summary(evaluate=False)
+        self.remaining.value = f"remaining weights: <b>{(1 - s) * 100:.3g} %</b>"
         waiting = f" · computing {', '.join(self.pending)} when the slider rests" if self.pending else ""
-        self.state.status = (f"sparsity={s:.3f} · {len(results)} method{'s' if len(results) != 1 else ''} · "
-                             f"drawn{waiting}")
-        if errors:
-            raise ValueError("; ".join(errors))
+        n = len(results)
+        self.state.status = (f"sparsity={s:.3f} · {n} method{'s' if n != 1 else ''} · drawn{waiting}"
+                             + (f" · showing the last reachable state ({shown:.3f})" if note else ""))
+        self.frames.append((time.perf_counter(), gen, s, "frame"))
         self.timings["redraw_s"] = time.perf_counter() - t0
+        if errors:
+            raise ValueError(" · ".join(f"{', '.join(ms)}: {msg}" for msg, ms in errors.items()))
 
-    def refresh_accuracy(self):
-        """Compute the expensive methods at the current point (then redraw the panels), evaluate accuracy (cached)
-        for the selected methods at the grid and the current sparsity, and redraw the curve and the summary. Runs
-        after the slider settles, with the busy indicator on."""
-        if getattr(self, "pending", None):
-            self.state.busy = True
-            try:
-                for m in self.pending:
-                    try:
-                        self._prune(m, self.state.sparsity)
-                    except ValueError:
-                        self._computed.add(self._point(m, self.state.sparsity))  # redraw reports the error
-            finally:
-                self.state.busy = False
-            self.redraw()
-        if not self.state.evaluate or self.session.data is None:
-            self._draw_curve()
-            self._update_summary()
+    def _draw_layers(self, table: pd.DataFrame, title: str):
+        fig = self.figures.get("layers")
+        columns = None if self.show_lookahead else ("sparsity", "relative_frobenius")
+        if fig is None or not layer_plots.update_layers(fig, table, title=title, hidden=self.state.hidden):
+            fig = layer_plots.plot_layers(table, width_px=self.width, dpi=DPI, title=title, columns=columns)
+            layer_plots.update_layers(fig, table, title=title, hidden=self.state.hidden)
+            self.figures["layers"] = fig
+            g = fig.layer_geometry
+            from matplotlib.patches import Rectangle
+
+            g["selection"] = [ax.add_patch(Rectangle((0, -1), 1, 1, transform=ax.get_yaxis_transform(),
+                                                     color="#ffe58a", alpha=0.6, zorder=0, visible=False))
+                              for ax in g["axes"]]
+            self.live["layers"] = LiveFigure(fig, lambda g=g: list(g["collections"].values()) + [g["heading"]]
+                                             + g["selection"])
+        self._mark_selection(fig)
+        self._show("layers", fig)
+
+    def _mark_selection(self, fig):
+        g = fig.layer_geometry
+        layer = self.state.selected_layer
+        row = g["layers"].index(layer) if layer in g["layers"] else None
+        for band in g["selection"]:
+            band.set_visible(row is not None)
+            if row is not None:
+                band.set_y(row - 0.5)
+
+    def _draw_marker(self, s: float):
+        fig = self.figures.get("accuracy")
+        if fig is None or not hasattr(fig, "marker"):
             return
+        x = (1 - s) * 100 if self.state.log_remaining else s
+        fig.marker.set_xdata([x, x])
+        fig.marker.set_label(f"current ({s:.3f})")
+        self.panel_state["accuracy"].value = f"accuracy: sparsity={s:.3f}"
+        self._show("accuracy", fig)
+
+    def _show(self, name, fig):
+        live = self.live.get(name)
+        png = live.render() if live is not None and live.fig is fig else _full_png(fig)
+        self.images[name].value = png
+        w, h = fig.get_size_inches() * DPI
+        self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", max_width="100%",
+                                                  object_fit="contain")
+        self._natural = getattr(self, "_natural", {})
+        self._natural[name] = (w, h)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the rest phase
+    # ------------------------------------------------------------------------------------------------------------
+    def refresh_accuracy(self):
+        """Everything that waits for the slider to rest, now: expensive methods at the current point, lookahead
+        distortion, accuracy (grid and current point), output distortion, and the accuracy curves of expensive
+        methods over the grid."""
+        self._rest(self._generation)
+
+    def _stale(self, gen) -> bool:
+        return gen != self._generation or self._closed
+
+    def _rest(self, gen):
+        st = self.state
+        s = st.sparsity
         self.state.busy = True
         try:
-            points = sorted(set(self.grid) | {round(self.state.sparsity, 6)})
-            with self._lock:
-                self.session.evaluate(None)
-                for m in self.state.methods:
-                    # expensive methods: the current point only (a grid of CBS runs is a sweep, not a refresh)
-                    expensive = get_method(m).sparsity_dependent or "data" in get_method(m).needs
-                    for s in ([round(self.state.sparsity, 6)] if expensive else points):
-                        try:
-                            self.session.evaluate(self.session.prune(m, s, allocation=self._allocation(),
-                                                                     **self.hyperparameters.get(m, {})))
-                        except ValueError:
-                            continue  # an unreachable point (e.g. uniform_plus at extreme sparsity): skipped
+            for m in list(self.pending):
+                if self._stale(gen):
+                    return
+                try:
+                    self._result(m, s)
+                except ValueError:
+                    q = self.query(m, s)
+                    self._computed.add(q if get_method(m).sparsity_dependent else q[:1] + q[2:])
+            t0 = time.perf_counter()
+            if self.show_lookahead:
+                for m in st.methods:
+                    if self._stale(gen):
+                        return
+                    q = self.query(m, s)
+                    if q in self._lookahead:
+                        continue
+                    try:
+                        r = self._result(m, s)
+                    except ValueError:
+                        continue
+                    with self._lock:
+                        dist = self.session.distortion(r, output=False)
+                    dist = dist[dist["layer"] != "(model)"]
+                    self._lookahead[q] = dict(zip(dist["layer"], dist["relative_lookahead"]))
+            if self._stale(gen):
+                return
+            self.timings["lookahead_s"] = time.perf_counter() - t0
+            self._guard(self.redraw)
+            if self.has_data and st.evaluate:
+                self._evaluate_points(gen, [s] + list(self.grid), cheap_only=True)
+                if self._stale(gen):
+                    return
+                self._draw_curve()
+                self._update_summary(evaluate=True)
+                self._fill_expensive(gen)
+            else:
+                self._draw_curve()
+                self._update_summary(evaluate=False)
         finally:
+            if not self._stale(gen):
+                self.frames.append((time.perf_counter(), gen, s, "rest"))
             self.state.busy = False
-        self._draw_curve()
-        self._update_summary()
 
-    def _evaluated(self, method, sparsity):
-        """The point's result and its cached evaluation, or None (never evaluates, never computes an expensive
-        method)."""
+    def _evaluate_points(self, gen, points, cheap_only: bool):
+        with self._lock:
+            self.session.evaluate(None)
+        for m in self.state.methods:
+            for p in points:
+                if self._stale(gen):
+                    return
+                if cheap_only and self._expensive(m) and p != self.state.sparsity:
+                    continue
+                try:
+                    r = self._result(m, p)
+                except ValueError:
+                    continue  # an unreachable point (e.g. uniform_plus at extreme sparsity): skipped
+                with self._lock:
+                    self.session.evaluate(r)
+
+    def _fill_expensive(self, gen):
+        """Accuracy curves of the expensive methods over the grid, in the background, with progress."""
+        todo = [(m, p) for m in self.state.methods if self._expensive(m) for p in self.grid
+                if self._cached_eval(m, p)[1] is None]
+        if not todo:
+            return
+        self.progress.max, self.progress.value = len(todo), 0
+        self.progress.layout.visibility = "visible"
+        try:
+            for i, (m, p) in enumerate(todo):
+                if self._stale(gen):
+                    return
+                self.progress_label.value = f"filling accuracy curves: {get_method(m).label} at {p:g} " \
+                                            f"({i + 1}/{len(todo)})"
+                try:
+                    r = self._result(m, p)
+                    with self._lock:
+                        self.session.evaluate(r)
+                except ValueError:
+                    pass
+                self.progress.value = i + 1
+                self._draw_curve()
+        finally:
+            self.progress.layout.visibility = "hidden"
+            self.progress_label.value = ""
+
+    def _cached_eval(self, method, sparsity):
+        """The point's result and its cached evaluation, or ``(None, None)`` (never evaluates, never computes an
+        expensive method)."""
         if not self._ready(method, sparsity):
             return None, None
         try:
-            res = self._prune(method, sparsity)
+            res = self._result(method, sparsity)
         except ValueError:
             return None, None
         return res, self.session.cached_evaluation(res)
 
-    def _curve_rows(self):
+    def _curve_rows(self) -> pd.DataFrame:
         rows = []
-        points = sorted(set(self.grid) | {round(self.state.sparsity, 6)})
+        points = sorted(set(self.grid) | {self.state.sparsity})
         for m in self.state.methods:
             for s in points:
-                _, ev = self._evaluated(m, s)
+                _, ev = self._cached_eval(m, s)
                 if ev is not None:
-                    rows.append({"method": m, "sparsity": s, "accuracy": ev["accuracy"], "loss": ev["loss"]})
-        return pd.DataFrame(rows, columns=["method", "sparsity", "accuracy", "loss"])
+                    rows.append({"method": m, "label": get_method(m).label, "sparsity": s,
+                                 "accuracy": ev["accuracy"], "loss": ev["loss"]})
+        return pd.DataFrame(rows, columns=["method", "label", "sparsity", "accuracy", "loss"])
 
     def _draw_curve(self):
+        if not self.has_data:
+            return
         rows = self._curve_rows()
         dense = self.session.cached_evaluation(None)
-        self.figures["accuracy"] = plots.plot_accuracy_curve(
-            rows, current=self.state.sparsity, dense=None if dense is None else dense["accuracy"],
-            log_remaining=self.state.log_remaining)
-        self._show("accuracy", self.figures["accuracy"])
-
-    def _show(self, name, fig, live=False, dpi=80):
-        """Render ``fig`` into panel ``name`` at its natural size (never stretched by the layout)."""
-        self.images[name].value = self._live[name].render(fig) if live else _png(fig, dpi=dpi)
-        w, h = fig.get_size_inches() * dpi
-        self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", object_fit="contain")
+        shown = rows[~rows["method"].isin(self.state.hidden)]
+        fig = self.figures.get("accuracy")
+        key = (tuple(dict.fromkeys(shown["method"])), self.state.log_remaining, dense is None)
+        if fig is not None and getattr(fig, "curve_key", None) == key and not self.state.log_remaining:
+            # same lines, same axes: new points into them, one full draw without a new layout
+            lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+            for m, g in shown.groupby("method", sort=False):
+                g = g.sort_values("sparsity")
+                lines[get_method(m).label].set_data(g["sparsity"].to_numpy(), 100 * g["accuracy"].to_numpy())
+            fig.plot_data = rows
+            self.live["accuracy"].invalidate()
+            self._draw_marker(self.state.sparsity)
+            return
+        fig = plots.plot_accuracy_curve(shown, dense=None if dense is None else dense["accuracy"],
+                                        log_remaining=self.state.log_remaining, figsize=(5.6, 3.5))
+        fig.plot_data = rows
+        ax = fig.axes[0]
+        x = (1 - self.state.sparsity) * 100 if self.state.log_remaining else self.state.sparsity
+        fig.marker = ax.axvline(x, color="0.2", linestyle="--", linewidth=1)
+        fig.curve_key = key
+        fig.set_dpi(DPI)
+        self.figures["accuracy"] = fig
+        self.live["accuracy"] = LiveFigure(fig, lambda fig=fig: [fig.marker])
+        self._draw_marker(self.state.sparsity)
 
     def _update_summary(self, evaluate: bool = True):
         """The summary table; ``evaluate=False`` (while dragging) shows only cached accuracies and no output
-        distortion (both come after the slider settles)."""
+        distortion (both come when the slider rests)."""
         rows = []
+        s = self.state.sparsity
         for m, r in self.results.items():
-            _, ev = self._evaluated(m, self.state.sparsity)
-            ranking = self.session.ranking(m, **self.hyperparameters.get(m, {}))
-            row = {"method": m, "allocation": r.allocation, "remaining weights": f"{r.n_kept:,}",
+            _, ev = self._cached_eval(m, s)
+            ranking = self.session.ranking(m, **self.hyperparameters.get(m, {})) if not self._expensive(m) else None
+            row = {"method": m, "label": get_method(m).label, "allocation": r.allocation,
+                   "sparsity": round(r.sparsity, DIGITS + 1), "remaining weights": int(r.n_kept),
                    "remaining %": round(100 * r.density, 3),
                    "accuracy %": None if ev is None else round(100 * ev["accuracy"], 2),
                    "loss": None if ev is None else round(ev["loss"], 4),
-                   "critical sparsity": round(ranking.critical_count() / ranking.total, 4),
+                   "critical sparsity": None if ranking is None else round(ranking.critical_count() / ranking.total,
+                                                                           4),
                    "empty layers": sum(1 for p, n in zip(r.pruned, r.numel) if p == n)}
-            if self.session.data is not None and self.state.evaluate and evaluate:
+            if self.has_data and self.state.evaluate and evaluate:
                 with self._lock:
                     row["output distortion"] = round(self.session.output_distortion(r)["output_distortion"], 4)
                     if self.session.has_batchnorm:  # pruning shifts BN statistics: show both accuracies
@@ -499,26 +821,126 @@ class PruneLab:
                         row["accuracy % (BN recalibrated)"] = round(100 * ev_bn["accuracy"], 2)
             rows.append(row)
         self.summary = pd.DataFrame(rows)
-        self.summary_html.value = self.summary.to_html(index=False, na_rep="…", classes="prune-lab-summary",
-                                                       border=0) if rows else ""
+        if rows:
+            view = self.summary.drop(columns=["method"]).rename(columns={"label": "method"})
+            self.summary_html.value = view.to_html(
+                index=False, na_rep="…", classes="prune-lab-summary", border=0,
+                formatters={"remaining weights": "{:,}".format})
+        else:
+            self.summary_html.value = ""
 
     # ------------------------------------------------------------------------------------------------------------
-    def export(self, path) -> list:
+    # pointer: hover and click
+    # ------------------------------------------------------------------------------------------------------------
+    def pointer(self, panel: str, event: dict):
+        """Handle a pointer event on ``panel`` (``"layers"`` or ``"accuracy"``): ``event`` has ``type``
+        (``mousemove``, ``click``, ``mouseleave``) and ``dataX``/``dataY``, the position in the image's own pixels
+        (ipyevents' fields). Hover fills the line above the panels; a click on a layer selects it."""
+        if event.get("type") == "mouseleave":
+            self.hover.value = ""
+            return
+        natural = getattr(self, "_natural", {}).get(panel)
+        shown = event.get("boundingRectWidth")
+        if panel == "layers" and natural and shown and shown < natural[0] - 8 and shown >= 480:
+            self.fit_width(int(shown))  # the notebook is narrower than the panel: re-lay it out at that width
+            return
+        fig = self.figures.get(panel)
+        x, y = event.get("dataX"), event.get("dataY")
+        if fig is None or x is None or y is None:
+            return
+        if panel == "layers":
+            hit = layer_plots.hit_test(fig, float(x), float(y))
+            if hit is None:
+                self.hover.value = ""
+                return
+            layer, method, column = hit
+            if event.get("type") == "click":
+                self.select_layer(layer)
+            self.hover.value = self._describe_layer(layer, method, column)
+        else:
+            self.hover.value = self._describe_point(fig, float(x), float(y))
+
+    def _describe_layer(self, layer, method, column) -> str:
+        data = self.figures["layers"].plot_data
+        rows = data[data["layer"] == layer]
+        if rows.empty:
+            return ""
+        n = int(rows["n_weights"].iloc[0])
+        head = f"<b>{_escape(layer)}</b> ({n:,} weights)"
+        if method is None:
+            parts = [f"{_escape(get_method(m).label)}: sparsity {r.sparsity:.3f}" for m, r in
+                     zip(rows["method"], rows.itertuples())]
+            return f"<span class='prune-lab-hover-text'>{head} · {' · '.join(parts)} · click to select</span>"
+        r = rows[rows["method"] == method].iloc[0]
+        look = r["relative_lookahead"]
+        look = "pending" if pd.isna(look) else f"{look:.4f}"
+        return (f"<span class='prune-lab-hover-text'>{head} · {_escape(get_method(method).label)} · sparsity "
+                f"{r['sparsity']:.4f} ({int(round(r['sparsity'] * n)):,} removed) · single-layer distortion "
+                f"{r['relative_frobenius']:.4f} · lookahead {look} (relative) · click to select</span>")
+
+    def _describe_point(self, fig, x_px, y_px) -> str:
+        data = fig.plot_data
+        if data is None or data.empty:
+            return ""
+        ax = fig.axes[0]
+        xs = (1 - data["sparsity"]) * 100 if self.state.log_remaining else data["sparsity"]
+        pts = ax.transData.transform(np.c_[xs.to_numpy(float), 100 * data["accuracy"].to_numpy(float)])
+        disp = np.array([x_px, fig.bbox.height - y_px])
+        d = np.hypot(*(pts - disp).T)
+        d[data["method"].isin(self.state.hidden).to_numpy()] = np.inf
+        i = int(np.argmin(d))
+        if d[i] > 12:
+            return ""
+        r = data.iloc[i]
+        return (f"<span class='prune-lab-hover-text'>{_escape(get_method(r['method']).label)} · sparsity "
+                f"{r['sparsity']:.4g} ({100 * (1 - r['sparsity']):.3g} % remaining) · accuracy "
+                f"{100 * r['accuracy']:.2f} % · loss {r['loss']:.4f}</span>")
+
+    def fit_width(self, width: int):
+        """Lay the panels out again at ``width`` pixels (what happens when the notebook is narrower)."""
+        self.width = int(width)
+        self.figures.pop("layers", None)
+        self.live.pop("layers", None)
+        self.redraw()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def export(self, path="figures", *, overwrite: bool = False, current_line: bool = False,
+               progress: bool = True) -> list:
         """Write every panel as PNG (300 dpi), PDF and SVG with its data as CSV, the summary as CSV and the
-        settings as JSON into folder ``path``. Returns the written paths."""
-        folder = Path(path)
+        settings as JSON. ``path`` is a folder; when it holds files already, a new numbered sub-folder is made
+        (``overwrite=True`` writes into ``path`` itself). Without data there is no accuracy panel to export.
+        Returns the written paths; the status line names the absolute folder."""
+        from tqdm.auto import tqdm
+
+        folder = Path(path).expanduser().resolve()
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            i = 1
+            while (folder / f"export-{i:03d}").exists():
+                i += 1
+            folder = folder / f"export-{i:03d}"
         self.redraw()
         self.refresh_accuracy()
+        figures = {"layers": layer_plots.plot_layers(self.figures["layers"].plot_data, width_px=1100, dpi=100,
+                                                     title=f"Per layer at sparsity {self.state.sparsity:.3g}",
+                                                     columns=None if self.show_lookahead else
+                                                     ("sparsity", "relative_frobenius"))}
+        if self.has_data and "accuracy" in self.figures:
+            rows = self.figures["accuracy"].plot_data
+            dense = self.session.cached_evaluation(None)
+            figures["accuracy"] = plots.plot_accuracy_curve(
+                rows, dense=None if dense is None else dense["accuracy"], log_remaining=self.state.log_remaining,
+                current=self.state.sparsity if current_line else None)
         written = []
-        for name, fig in self.figures.items():  # fresh figures, laid out for print (the live ones are frozen)
-            if name == "sparsity":
-                fig = plots.plot_layer_sparsity(fig.plot_data, title=f"Layerwise sparsity at {self.state.sparsity:.3g}")
-            elif name == "distortion":
-                fig = plots.plot_distortion(fig.plot_data)
-            written += plots.save_figure(fig, folder / name)
-        self.summary.to_csv(folder / "summary.csv", index=False)
-        written.append(folder / "summary.csv")
-        written.append(plots.save_settings(self.settings(), folder / "settings.json"))
+        steps = tqdm(list(figures.items()) + [("tables", None)], desc="export", disable=not progress)
+        for name, fig in steps:
+            if fig is not None:
+                written += plots.save_figure(fig, folder / name)
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            self.summary.to_csv(folder / "summary.csv", index=False)
+            written.append(folder / "summary.csv")
+            written.append(plots.save_settings(self.settings(), folder / "settings.json"))
+        self.export_folder = folder
         self.state.status = f"exported {len(written)} files to {folder}"
         return written
 
@@ -532,10 +954,9 @@ class PruneLab:
                 "achieved_sparsity": {m: r.sparsity for m, r in self.results.items()}}
 
 
-def _layer_rows(method, r) -> pd.DataFrame:
-    return pd.DataFrame({"method": method, "layer": list(r.layers), "n_weights": list(r.numel),
-                         "sparsity": [p / n for p, n in zip(r.pruned, r.numel)]})
+def _hex(rgb) -> str:
+    return "#" + "".join(f"{int(round(255 * c)):02x}" for c in rgb[:3])
 
 
 def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -58,12 +58,19 @@ def test_accuracy_curve_with_seeds_marker_and_log_axis():
                        "accuracy": [0.9, 0.8, 0.5, 0.4]})
     fig = plot_accuracy_curve(df, current=0.9, dense=0.95)
     ax = fig.axes[0]
-    (line,) = [l for l in ax.get_lines() if l.get_label() == "lamp"]
+    (line,) = [l for l in ax.get_lines() if l.get_label() == "LAMP"]  # display names in legends
     assert list(line.get_ydata()) == pytest.approx([85.0, 45.0])
     assert any(l.get_label().startswith("current") for l in ax.get_lines())
     assert len(ax.collections) == 1  # the ± std band
-    log = plot_accuracy_curve(df, current=0.9, log_remaining=True)
-    assert log.axes[0].get_xscale() == "log"
+    log = plot_accuracy_curve(df.assign(sparsity=[0.5, 0.5, 0.999, 0.999]), current=0.9, log_remaining=True)
+    ax = log.axes[0]
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlim()[0] > ax.get_xlim()[1]  # sparsity grows to the right: remaining weights fall
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(log).draw()
+    ticks = {t.get_text() for t in ax.get_xticklabels() if t.get_text()}
+    assert {"100 %", "10 %", "1 %", "0.1 %"} <= ticks
 
 
 def test_mask_view_and_difference():
@@ -100,7 +107,7 @@ def test_perplexity_curve_is_on_a_log_axis_without_percent():
     df = pd.DataFrame({"method": ["wanda", "wanda", "magnitude", "magnitude"], "sparsity": [0.3, 0.5, 0.3, 0.5],
                        "perplexity": [12.0, 30.0, 13.0, 40.0], "accuracy": [0.3, 0.2, 0.3, 0.1]})
     ax = plot_accuracy_curve(df, metric="perplexity", dense=10.0).axes[0]
-    (line,) = [l for l in ax.get_lines() if l.get_label() == "wanda"]
+    (line,) = [l for l in ax.get_lines() if l.get_label() == "Wanda"]
     assert list(line.get_ydata()) == pytest.approx([12.0, 30.0])
     assert ax.get_yscale() == "log" and "perplexity" in ax.get_ylabel()
     assert any(l.get_label() == "dense" and l.get_ydata()[0] == 10.0 for l in ax.get_lines())

@@ -1,7 +1,9 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import prune_lab as pl
 from prune_lab.widgets import PruneLab
@@ -14,23 +16,27 @@ def session():
     return pl.PruneSession(model, data)
 
 
-def bar_heights(fig, ax=0):
-    return [[r.get_height() for r in c.patches] for c in fig.axes[ax].containers]
+def layer_widths(lab, method, column="sparsity"):
+    paths = lab.figures["layers"].layer_geometry["collections"][(column, method)].get_paths()
+    return [float(p.vertices[:, 0].max()) for p in paths]
 
 
 def test_slider_moves_redraw_the_panels(session):
     lab = PruneLab(session, debounce_s=0)
     assert lab.state.methods == ("magnitude", "lamp", "lap") and lab.state.error == ""
-    before = bar_heights(lab.figures["sparsity"])
-    png = lab.images["sparsity"].value
+    png = lab.images["layers"].value
     lab.slider.value = 0.5
     assert lab.state.sparsity == 0.5
-    after = bar_heights(lab.figures["sparsity"])
-    assert after != before and after[0] == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
-    assert lab.images["sparsity"].value != png
+    assert layer_widths(lab, "magnitude") == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
+    assert lab.images["layers"].value != png
     assert "sparsity=0.500" in lab.state.status and "3 methods" in lab.state.status
+    assert "sparsity=0.500" in lab.panel_state["layers"].value and "sparsity=0.500" in lab.panel_state["accuracy"].value
     assert lab.summary["remaining %"].tolist() == [50.0, 50.0, 50.0]
     assert lab.summary["accuracy %"].notna().all()
+    assert lab.summary["remaining weights"].dtype.kind == "i"  # numbers, not text
+    look = lab.figures["layers"].plot_data["relative_lookahead"]
+    assert look.notna().all()  # the slider rested (debounce_s=0): lookahead at this sparsity
+    assert "lookahead: at this sparsity" in lab.figures["layers"].layer_geometry["heading"].get_text()
 
 
 def test_methods_and_allocation_follow_the_controls(session):
@@ -38,118 +44,90 @@ def test_methods_and_allocation_follow_the_controls(session):
     lab.method_boxes["lap"].value = False
     lab.method_boxes["global_magnitude"].value = True
     assert lab.state.methods == ("magnitude", "global_magnitude", "lamp")  # registry order
-    assert set(lab.figures["sparsity"].plot_data.method) == {"global_magnitude", "magnitude", "lamp"}
+    assert set(lab.figures["layers"].plot_data.method) == {"global_magnitude", "magnitude", "lamp"}
+    assert len(lab.legend.children) == 1 + 3
     lab.allocation.value = "erk"
     assert set(lab.summary["allocation"]) == {"erk"}
     assert lab.state.error == ""
 
 
-def test_errors_are_shown_in_words(session):
+def test_unreachable_sparsity_is_one_message_and_keeps_the_last_state(session):
     lab = PruneLab(session, debounce_s=0)
     lab.allocation.value = "uniform_plus"
-    lab.slider.value = 0.99  # the last layer must keep 20 %: unreachable on this MLP
-    assert "uniform_plus" in lab.state.error and "cannot reach" in lab.state.error
-    assert "prune-lab-error" in lab.error.value
     lab.slider.value = 0.5
-    assert lab.state.error == "" and lab.error.value == ""
+    lab.slider.value = 0.99  # the last layer must keep 20 %: unreachable on this MLP
+    assert "cannot reach" in lab.state.error and lab.state.error.count("uniform_plus") == 1
+    assert "Magnitude (MP), LAMP, LAP" in lab.state.error  # one message naming every method it hit
+    assert "prune-lab-error" in lab.error.value
+    assert "last reachable state (0.500)" in lab.state.status
+    assert "last reachable state, sparsity 0.500" in lab.panel_state["layers"].value
+    assert layer_widths(lab, "magnitude")[0] == pytest.approx(0.5, abs=0.01)
+    lab.slider.value = 0.6
+    assert lab.state.error == "" and lab.error.value == "" and "last reachable" not in lab.state.status
 
 
-def test_accuracy_curve_fills_in_and_is_debounced(session):
-    lab = PruneLab(session, debounce_s=0)
-    curve = lab.figures["accuracy"].plot_data
-    assert set(curve.method) == {"magnitude", "lamp", "lap"} and len(curve) >= 3 * len(lab.grid)
-    lab.debounce_s = 60  # a long rest: the drag itself evaluates nothing new
-    calls = []
-    original = session.evaluate
-    session.evaluate = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        for v in (0.61, 0.62, 0.63):
-            lab.slider.value = v
-        assert calls == [] and lab._timer is not None
-        lab._timer.cancel()
-        lab.refresh_accuracy()
-        assert len(calls) > 0
-        assert 0.63 in set(lab.figures["accuracy"].plot_data.sparsity)
-    finally:
-        del session.evaluate
-
-
-def test_hyperparameter_controls_come_from_the_registry(session):
-    lab = PruneLab(session, debounce_s=0, selected=("magnitude",))
-    assert lab.hp_box.children == ()
-    hp_methods = [m for m in pl.list_methods() if pl.get_method(m).hyperparameter_fields()]
-    if hp_methods:
-        lab.method_boxes[hp_methods[0]].value = True
-        assert len(lab.hp_box.children) == len(pl.get_method(hp_methods[0]).hyperparameter_fields())
-
-
-def test_methods_needing_data_are_disabled_with_a_reason():
-    from prune_lab.methods import registry
-
-    spec = registry.MethodSpec("_needs_data_demo", "Demo", "", lambda ctx, hp: {}, "global",
-                               needs=frozenset({"data"}))
-    registry._METHODS[spec.name] = spec
-    try:
-        lab = PruneLab(pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(4, 3))), debounce_s=0)
-        box = lab.method_boxes["_needs_data_demo"]
-        assert box.disabled and "needs data" in box.tooltip
-        assert "_needs_data_demo" not in lab.state.methods
-    finally:
-        del registry._METHODS[spec.name]
-
-
-def test_export_writes_every_panel(session, tmp_path):
-    lab = PruneLab(session, debounce_s=0)
-    lab.slider.value = 0.8
-    written = lab.export(tmp_path / "figs")
-    names = {p.name for p in written}
-    for panel in ("sparsity", "distortion", "accuracy"):
-        assert {f"{panel}.png", f"{panel}.pdf", f"{panel}.svg", f"{panel}.csv"} <= names
-        assert (tmp_path / "figs" / f"{panel}.png").read_bytes()[:4] == b"\x89PNG"
-        assert (tmp_path / "figs" / f"{panel}.pdf").read_bytes()[:5] == b"%PDF-"
-    settings = json.loads((tmp_path / "figs" / "settings.json").read_text())
-    assert settings["sparsity"] == 0.8 and settings["methods"] == ["magnitude", "lamp", "lap"]
-    assert settings["model_fingerprint"] == session.fingerprint and settings["prune_lab_version"]
-    assert "output distortion" in (tmp_path / "figs" / "summary.csv").read_text()
-
-
-def test_model_untouched_by_the_lab(session):
-    before = {k: v.clone() for k, v in session.model.state_dict().items()}
-    lab = PruneLab(session, debounce_s=0)
-    for v in (0.3, 0.95):
-        lab.slider.value = v
-    lab.export_path.value = "unused"
-    assert all(torch.equal(before[k], v) for k, v in session.model.state_dict().items())
-
-
-def test_live_render_matches_a_full_draw():
-    """The blitted live frame shows the same picture as drawing the figure in full."""
-    import io
-
-    import numpy as np
+def test_float_noise_in_the_slider_value_finds_the_cached_point(session, tmp_path):
+    lab = PruneLab(session, debounce_s=0, selected=("lamp",))
+    lab.slider.value = 0.9000000000000001  # what a browser sends for 0.9
+    assert lab.query("lamp", 0.9000000000000001) == lab.query("lamp", 0.9)
+    assert lab.summary["accuracy %"].notna().all()
+    lab.export(tmp_path)
     import pandas as pd
-    from PIL import Image
 
-    from prune_lab.viz import plot_layer_sparsity, update_bars
-    from prune_lab.widgets.lab import LiveRenderer
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["accuracy %"].notna().all() and summary["accuracy %"].dtype.kind == "f"
 
-    table = pd.DataFrame({"method": ["magnitude", "lamp"] * 2, "layer": ["a", "a", "b", "b"],
-                          "n_weights": [10, 10, 5, 5], "sparsity": [0.2, 0.4, 0.6, 0.8]})
-    fig = plot_layer_sparsity(table)
-    live = LiveRenderer(dpi=60)
-    first = live.render(fig)
-    assert update_bars(fig, table.assign(sparsity=[0.9, 0.1, 0.3, 0.5]))
-    second = live.render(fig)
-    assert second != first
-    for ax in fig.axes:
-        for c in ax.containers:
-            for p in c.patches:
-                p.set_animated(False)
-    fig.canvas.draw()
-    full = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
-    blit = np.asarray(Image.open(io.BytesIO(second)).convert("RGB")).astype(int)
-    assert blit.shape == full.shape
-    assert (np.abs(blit - full).max(axis=2) > 30).mean() < 0.01
+
+def test_accuracy_waits_for_the_slider_to_rest(session):
+    lab = PruneLab(session, debounce_s=60)  # a long rest: moving evaluates nothing new
+    try:
+        assert lab.wait_drawn(30)
+        calls = []
+        original = session.evaluate
+        session.evaluate = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            for v in (0.61, 0.62, 0.63):
+                lab.slider.value = v
+                assert lab.wait_drawn(30)
+            assert calls == [] and "sparsity=0.630" in lab.state.status
+            lab.refresh_accuracy()  # the slider rests
+            assert len(calls) > 0
+            assert 0.63 in set(lab.figures["accuracy"].plot_data.sparsity)
+        finally:
+            del session.evaluate
+    finally:
+        lab.close()
+
+
+def test_a_drag_draws_the_newest_value_and_replays_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))
+    lab = PruneLab(pl.PruneSession(model), debounce_s=0.3, selected=("magnitude", "lamp"))
+    try:
+        assert lab.wait_idle(60)
+        start = len(lab.frames)
+        values = np.round(np.linspace(0.30, 0.70, 60), 3)
+        for v in values:  # faster than frames are drawn: the worker coalesces
+            lab.slider.value = float(v)
+        assert lab.wait_idle(60)
+        frames = lab.frames[start:]
+        drawn = [f[2] for f in frames if f[3] == "frame"]
+        assert drawn[-1] == pytest.approx(0.70)
+        assert len(drawn) < len(values)  # stale positions were skipped, not replayed
+        rests = [f for f in frames if f[3] == "rest"]
+        assert [f[2] for f in rests] == [pytest.approx(0.70)]  # one rest phase, at the final value
+        assert "sparsity=0.700" in lab.state.status and "sparsity=0.700" in lab.panel_state["layers"].value
+        assert lab.figures["layers"].plot_data["relative_lookahead"].notna().all()
+    finally:
+        lab.close()
+
+
+def test_overrides_keep_the_accuracy_curve(session):
+    lab = PruneLab(session, debounce_s=0, selected=("lamp",), sparsity=0.8)
+    lab.set_override("fc3.weight", "lock", 0.5)  # 0 and 0.98 become unreachable, the rest of the grid is not
+    curve = lab.figures["accuracy"].plot_data
+    assert set(curve.sparsity) >= {0.3, 0.5, 0.7, 0.8, 0.9, 0.95} and curve["accuracy"].notna().all()
+    assert lab.summary["accuracy %"].notna().all()
 
 
 def test_layer_overrides_from_the_dashboard(session):
@@ -162,8 +140,8 @@ def test_layer_overrides_from_the_dashboard(session):
     assert res.sparsity == pytest.approx(0.8, abs=1e-3)  # the budget moves to the free layer
     assert "excluded" in lab.override_list.value and "locked at 0.95" in lab.override_list.value
     assert lab.settings()["overrides"] == {"fc3.weight": 0.0, "fc1.weight": 0.95}
-    lab.set_override("fc1.weight", "exclude")  # leaves too little to prune: said in words
-    assert "cannot be met" in lab.state.error
+    lab.set_override("fc1.weight", "exclude")  # leaves too little to prune: said in words, once
+    assert "cannot be met" in lab.state.error and "last reachable state" in lab.state.status
     lab.set_override("fc1.weight", "free")
     lab.set_override("fc3.weight", "free")
     assert lab.state.overrides == {} and lab.state.error == ""
@@ -172,21 +150,163 @@ def test_layer_overrides_from_the_dashboard(session):
         lab.set_override("fc9.weight", "lock", 0.5)
 
 
-def test_expensive_methods_wait_for_the_slider_to_rest(session):
+def test_hover_and_click_on_a_layer(session):
+    lab = PruneLab(session, debounce_s=0)
+    fig = lab.figures["layers"]
+    ax = fig.axes[1]
+    h = fig.layer_geometry["bar_height"]
+    x, y = ax.transData.transform((0.01, 1 + h))  # layer fc2, third method (LAP)
+    event = {"type": "mousemove", "dataX": x, "dataY": fig.bbox.height - y}
+    lab.pointer("layers", event)
+    assert "fc2.weight" in lab.hover.value and "800 weights" in lab.hover.value and "LAP" in lab.hover.value
+    assert "single-layer distortion" in lab.hover.value and "sparsity 0.9" in lab.hover.value
+    lab.pointer("layers", {**event, "type": "click"})
+    assert lab.override_layer.value == "fc2.weight" and lab.state.selected_layer == "fc2.weight"
+    assert all(band.get_visible() for band in fig.layer_geometry["selection"])
+    lab.pointer("layers", {"type": "mouseleave"})
+    assert lab.hover.value == ""
+    acc = lab.figures["accuracy"]
+    row = acc.plot_data[(acc.plot_data.method == "lamp") & (acc.plot_data.sparsity == 0.9)].iloc[0]
+    px, py = acc.axes[0].transData.transform((row.sparsity, 100 * row.accuracy))
+    lab.pointer("accuracy", {"type": "mousemove", "dataX": px, "dataY": acc.bbox.height - py})
+    assert "LAMP" in lab.hover.value and f"{100 * row.accuracy:.2f} %" in lab.hover.value
+
+
+def test_legend_toggle_hides_a_method_everywhere(session):
+    lab = PruneLab(session, debounce_s=0)
+    lab.toggle_method("lamp", False)
+    g = lab.figures["layers"].layer_geometry
+    assert not g["collections"][("sparsity", "lamp")].get_visible()
+    assert g["collections"][("sparsity", "magnitude")].get_visible()
+    assert "LAMP" not in [line.get_label() for line in lab.figures["accuracy"].axes[0].get_lines()]
+    lab.legend.children[2].value = True  # the LAMP toggle, clicked again
+    assert lab.state.hidden == ()
+    assert g["collections"][("sparsity", "lamp")].get_visible()
+
+
+def test_panel_width_follows_a_narrower_notebook(session):
+    lab = PruneLab(session, debounce_s=0, width=960)
+    lab.pointer("layers", {"type": "mousemove", "dataX": 10, "dataY": 10, "boundingRectWidth": 700})
+    assert lab.figures["layers"].get_size_inches()[0] * 96 == pytest.approx(700)
+
+
+def test_expensive_methods_wait_and_fill_their_curves_in_the_background(session):
     lab = PruneLab(session, debounce_s=60, selected=("magnitude", "lap_forward"))
-    lab._timer.cancel()
-    lab.slider.value = 0.77  # while dragging: lap_forward (sparsity-dependent) is not computed
-    lab._timer.cancel()
-    assert "lap_forward" in lab.pending and set(lab.results) == {"magnitude"}
-    assert "computing lap_forward" in lab.state.status
-    lab.refresh_accuracy()  # the slider rests
-    assert lab.pending == [] and set(lab.results) == {"magnitude", "lap_forward"}
-    assert "computing" not in lab.state.status
-    lab.slider.value = 0.5
-    lab._timer.cancel()
-    lab.slider.value = 0.77  # visited before: drawn at once
-    lab._timer.cancel()
-    assert "lap_forward" in lab.results
+    try:
+        assert lab.wait_drawn(30)
+        lab.slider.value = 0.77  # while dragging: lap_forward (sparsity-dependent) is not computed
+        assert lab.wait_drawn(30)
+        assert "lap_forward" in lab.pending and set(lab.results) == {"magnitude"}
+        assert "computing lap_forward" in lab.state.status
+        lab.refresh_accuracy()  # the slider rests
+        assert lab.pending == [] and set(lab.results) == {"magnitude", "lap_forward"}
+        assert "computing" not in lab.state.status
+        curve = lab.figures["accuracy"].plot_data
+        assert set(curve[curve.method == "lap_forward"].sparsity) >= set(lab.grid)  # a curve, not one dot
+        assert lab.progress.value == lab.progress.max and lab.progress.layout.visibility == "hidden"
+        lab.slider.value = 0.5
+        assert lab.wait_drawn(30)  # a grid point filled in the background: drawn at once
+        assert "lap_forward" in lab.results
+    finally:
+        lab.close()
+
+
+def test_disabled_methods_say_why():
+    from prune_lab.methods import registry
+
+    spec = registry.MethodSpec("_needs_data_demo", "Demo", "", lambda ctx, hp: {}, "global",
+                               needs=frozenset({"data"}))
+    registry._METHODS[spec.name] = spec
+    try:
+        lab = PruneLab(pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(4, 3))), debounce_s=0)
+        box = lab.method_boxes["_needs_data_demo"]
+        assert box.disabled and "needs data" in box.tooltip
+        assert "_needs_data_demo" not in lab.state.methods
+        assert lab.method_boxes["synflow"].disabled and "input shape" in lab.method_boxes["synflow"].tooltip
+        assert lab.method_boxes["snip"].disabled and "needs data" in lab.method_boxes["snip"].tooltip
+        assert lab.evaluate_box.disabled
+    finally:
+        del registry._METHODS[spec.name]
+    lab = PruneLab(pl.PruneSession(torch.nn.Sequential(torch.nn.Linear(4, 3))), debounce_s=0, input_shape=(4,))
+    assert not lab.method_boxes["synflow"].disabled
+
+
+def test_without_data_the_accuracy_panel_says_so_and_is_not_exported(tmp_path):
+    lab = PruneLab(pl.PruneSession(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))), debounce_s=0)
+    assert "no evaluation data" in lab.no_data.value
+    assert lab.images["accuracy"] not in _descendants(lab.widget) and lab.no_data in _descendants(lab.widget)
+    names = {p.name for p in lab.export(tmp_path)}
+    assert "layers.png" in names and not any(n.startswith("accuracy") for n in names)
+
+
+def _descendants(w):
+    out = [w]
+    for c in getattr(w, "children", ()):
+        out += _descendants(c)
+    return out
+
+
+def test_export_writes_every_panel_into_a_new_folder(session, tmp_path):
+    lab = PruneLab(session, debounce_s=0)
+    lab.slider.value = 0.8
+    written = lab.export(tmp_path / "figs")
+    folder = tmp_path / "figs"
+    names = {p.name for p in written}
+    for panel in ("layers", "accuracy"):
+        assert {f"{panel}.png", f"{panel}.pdf", f"{panel}.svg", f"{panel}.csv"} <= names
+        assert (folder / f"{panel}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (folder / f"{panel}.pdf").read_bytes()[:5] == b"%PDF-"
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["sparsity"] == 0.8 and settings["methods"] == ["magnitude", "lamp", "lap"]
+    assert settings["model_fingerprint"] == session.fingerprint and settings["prune_lab_version"]
+    assert "output distortion" in (folder / "summary.csv").read_text()
+    assert str(folder.resolve()) in lab.state.status
+    again = lab.export(tmp_path / "figs")  # never overwrites: a new sub-folder
+    assert again[0].parent == folder / "export-001" and (folder / "layers.png").exists()
+    exported = lab.export(tmp_path / "figs", overwrite=True)
+    assert exported[0].parent == folder.resolve()
+    accuracy = [ln.get_label() for ln in _accuracy_export_lines(folder)]
+    assert not any(label.startswith("current") for label in accuracy)
+
+
+def _accuracy_export_lines(folder):
+    # the exported accuracy data has no current-sparsity column; check the figure the lab exports
+    import pandas as pd
+
+    data = pd.read_csv(folder / "accuracy.csv")
+    from prune_lab.viz import plot_accuracy_curve
+
+    return plot_accuracy_curve(data).axes[0].get_lines()
+
+
+def test_model_untouched_by_the_lab(session):
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    lab = PruneLab(session, debounce_s=0)
+    for v in (0.3, 0.95):
+        lab.slider.value = v
+    lab.export_path.value = "unused"
+    assert all(torch.equal(before[k], v) for k, v in session.model.state_dict().items())
+
+
+def test_live_render_matches_a_full_draw(session):
+    """The blitted live frame shows the same picture as drawing the figure in full."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    lab = PruneLab(session, debounce_s=0, selected=("magnitude", "lamp"))
+    lab.slider.value = 0.42
+    blit = np.asarray(Image.open(io.BytesIO(lab.images["layers"].value)).convert("RGB")).astype(int)
+    fig = lab.figures["layers"]
+    for c in fig.layer_geometry["collections"].values():
+        c.set_animated(False)
+    fig.layer_geometry["heading"].set_animated(False)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    full = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)
+    assert blit.shape == full.shape
+    assert (np.abs(blit - full).max(axis=2) > 30).mean() < 0.01
 
 
 def test_log_scaled_remaining_weights_slider(session):
@@ -199,3 +319,23 @@ def test_log_scaled_remaining_weights_slider(session):
     assert lab.figures["accuracy"].axes[0].get_xscale() == "log"
     lab.slider.value = 0.9
     assert lab.remaining_slider.value == pytest.approx(10.0)
+
+
+def test_hyperparameter_controls_come_from_the_registry(session):
+    lab = PruneLab(session, debounce_s=0, selected=("magnitude",))
+    assert lab.hp_box.children == ()
+    hp_methods = [m for m in pl.list_methods() if pl.get_method(m).hyperparameter_fields()]
+    if hp_methods:
+        lab.method_boxes[hp_methods[0]].value = True
+        assert len(lab.hp_box.children) == len(pl.get_method(hp_methods[0]).hyperparameter_fields())
+
+
+def test_a_200_layer_model_is_readable():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(200)])
+    lab = PruneLab(pl.PruneSession(model), debounce_s=0, selected=("magnitude", "lamp"))
+    fig = lab.figures["layers"]
+    assert len(fig.layer_geometry["layers"]) == 200
+    assert fig.axes[0].bbox.height / 200 >= 16
+    assert min(t.get_fontsize() for t in fig.axes[0].get_yticklabels()) >= 8
+    assert lab.layer_box.layout.overflow == "hidden auto"  # the panel scrolls

@@ -1,0 +1,92 @@
+"""The cached lookahead distortion (Gram factors + references) equals the direct three-layer product."""
+import pytest
+import torch
+from torch import nn
+
+from prune_lab.core.distortion import lookahead_distortion
+from prune_lab.core.graph import bn_scales, build_graph
+from prune_lab.core.lookahead import SPARSE_FRACTION, LookaheadCache
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.fc = nn.Linear(8 * 4 * 4, 5, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + self.dw(torch.relu(self.a(h)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 4), 1))
+
+
+def _models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 4))
+    res = _Residual()
+    with torch.no_grad():
+        res.bn.running_var.uniform_(0.5, 2.0)
+        res.bn.weight.uniform_(0.5, 1.5)
+    return {"mlp": mlp, "residual": res}
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual"])
+def test_every_path_equals_the_direct_product(name):
+    model = _models()[name]
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in graph.layers}
+    scales = bn_scales(model, {m: dict(model.named_modules())[m] for m in graph.bn_modules})
+    cache = LookaheadCache(graph, weights, scales)
+    gen = torch.Generator().manual_seed(1)
+    # far from both ends (dense), near each end (sparse from "nothing" / "everything" removed), and a small move
+    # away from a dense point (sparse from a reference)
+    for frac in (0.5, 0.04, 0.97, 0.52, 0.3):
+        for n in graph.prunable:
+            w = weights[n]
+            order = torch.randperm(w.numel(), generator=gen)
+            mask = torch.ones(w.numel(), dtype=torch.bool)
+            mask[order[: int(round(frac * w.numel()))]] = False
+            mask = mask.reshape(w.shape)
+            want = lookahead_distortion(graph, weights, n, w * mask, scales)
+            assert cache.distortion(n, mask) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    paths = {k: sum(layer.paths[k] for layer in cache.layers.values()) for k in ("dense", "sparse")}
+    assert paths["dense"] > 0 and paths["sparse"] > 0
+    for n in graph.prunable:
+        assert cache.full(n) == pytest.approx(
+            lookahead_distortion(graph, weights, n, torch.zeros_like(weights[n]), scales), rel=1e-5)
+
+
+def test_a_small_move_reuses_the_last_dense_point():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False), nn.ReLU(),
+                          nn.Linear(64, 8, bias=False))
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    cache = LookaheadCache(graph, weights)
+    n = "2.weight"
+    order = weights[n].abs().reshape(-1).argsort()
+    def mask(k):
+        m = torch.ones(weights[n].numel(), dtype=torch.bool)
+        m[order[:k]] = False
+        return m.reshape(weights[n].shape)
+    cache.distortion(n, mask(2048))  # half: a dense product, kept as a reference
+    before = dict(cache.layer(n).paths)
+    k = 2048 + int(0.5 * SPARSE_FRACTION * 4096)
+    got = cache.distortion(n, mask(k))
+    assert cache.layer(n).paths["sparse"] == before["sparse"] + 1
+    assert cache.layer(n).paths["dense"] == before["dense"]
+    assert got == pytest.approx(lookahead_distortion(graph, weights, n, weights[n] * mask(k)), rel=1e-5)
+
+
+def test_updated_weights_are_measured_as_they_are():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in graph.layers}
+    cache = LookaheadCache(graph, weights)
+    new = weights["0.weight"] * 0.5
+    assert cache.distortion("0.weight", weight=new) == pytest.approx(
+        lookahead_distortion(graph, weights, "0.weight", new), rel=1e-6)

@@ -1,0 +1,88 @@
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from prune_lab.viz import method_color
+from prune_lab.viz.layers import hit_test, plot_layers, short_layer_name, update_layers
+
+
+def table(n_layers=3, methods=("magnitude", "lamp"), seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in methods:
+        for i in range(n_layers):
+            rows.append({"method": m, "layer": f"block{i}.conv.weight", "n_weights": 100 + i,
+                         "sparsity": rng.uniform(), "relative_frobenius": rng.uniform(),
+                         "relative_lookahead": rng.uniform()})
+    return pd.DataFrame(rows)
+
+
+def widths(fig, column, method):
+    verts = fig.layer_geometry["collections"][(column, method)].get_paths()
+    return [float(p.vertices[:, 0].max()) for p in verts]
+
+
+def test_one_row_per_layer_three_columns_one_colour_per_method():
+    t = table()
+    fig = plot_layers(t)
+    assert len(fig.axes) == 3
+    assert widths(fig, "sparsity", "lamp") == pytest.approx(t[t.method == "lamp"].sparsity.tolist())
+    coll = fig.layer_geometry["collections"][("relative_lookahead", "magnitude")]
+    assert tuple(coll.get_facecolor()[0][:3]) == pytest.approx(method_color("magnitude"))
+    assert [x.get_text() for x in fig.axes[0].get_yticklabels()] == ["block0.conv", "block1.conv", "block2.conv"]
+    assert fig.plot_data.equals(t)
+
+
+def test_update_in_place_hides_methods_and_refuses_other_structures():
+    t = table()
+    fig = plot_layers(t)
+    new = t.assign(sparsity=0.25)
+    assert update_layers(fig, new, title="sparsity 0.250", hidden=("lamp",))
+    assert widths(fig, "sparsity", "magnitude") == pytest.approx([0.25] * 3)
+    assert not fig.layer_geometry["collections"][("sparsity", "lamp")].get_visible()
+    assert fig.layer_geometry["heading"].get_text() == "sparsity 0.250"
+    assert not update_layers(fig, t[t.method == "lamp"])
+    pending = t.assign(relative_lookahead=np.nan)  # not computed yet: no bars, no error
+    assert update_layers(fig, pending) and widths(fig, "relative_lookahead", "lamp") == [0.0] * 3
+    assert not fig.layout_changed
+    assert update_layers(fig, t.assign(relative_lookahead=1.7)) and fig.layout_changed
+    assert fig.axes[2].get_xlim()[1] > 1.7
+
+
+@pytest.mark.parametrize("n_layers", [3, 54, 200])
+def test_readable_at_any_number_of_layers(n_layers):
+    fig = plot_layers(table(n_layers, methods=("magnitude", "lamp", "lap")), width_px=960, dpi=96)
+    FigureCanvasAgg(fig).draw()
+    sizes = [t.get_fontsize() for ax in fig.axes for t in ax.get_yticklabels() + ax.get_xticklabels()]
+    sizes += [ax.title.get_fontsize() for ax in fig.axes]
+    assert min(sizes) >= 8
+    assert fig.get_size_inches()[0] * 96 == pytest.approx(960)
+    row_px = fig.axes[0].bbox.height / n_layers
+    assert row_px >= 16  # a row holds its name at 9 pt
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_window_extent(renderer) for t in fig.axes[0].get_yticklabels()]
+    assert min(b.x0 for b in labels) >= 0  # no name cut at the left edge
+
+
+def test_hit_test_finds_the_layer_and_method_under_the_pointer():
+    t = table(4, methods=("magnitude", "lamp", "lap"))
+    fig = plot_layers(t)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[1]
+    height = fig.bbox.height
+    for row, layer in enumerate(dict.fromkeys(t.layer)):
+        for j, m in enumerate(("magnitude", "lamp", "lap")):
+            y = row + (j - 1) * fig.layer_geometry["bar_height"]
+            x_disp, y_disp = ax.transData.transform((0.01, y))
+            assert hit_test(fig, x_disp, height - y_disp) == (layer, m, "relative_frobenius")
+    x_disp, y_disp = fig.axes[0].transData.transform((0, 2))
+    assert hit_test(fig, x_disp - 30, height - y_disp) == ("block2.conv.weight", None, None)  # on the name
+    assert hit_test(fig, 5, 2) is None  # above the rows
+
+
+def test_short_names_keep_the_end_of_long_paths():
+    assert short_layer_name("fc1.weight") == "fc1"
+    long = "features.denseblock4.denselayer16.conv2.weight"
+    assert short_layer_name(long).endswith("denselayer16.conv2") and len(short_layer_name(long)) <= 31
+    assert short_layer_name("encoder.layers.encoder_layer_0.self_attention.in_proj_weight").endswith("in_proj")
