@@ -49,18 +49,28 @@ def _gram(parts: list, n: int) -> torch.Tensor:
 
 
 def layer_factors(graph: LayerGraph, weights: dict, name: str, scales: dict | None = None) -> tuple:
-    """``(A, B)`` of layer ``name``: ``A`` ``(out, out)`` or ``(out,)`` (diagonal), ``B`` ``(in, in)`` or ``(in,)``."""
+    """``(A, B, L, M)`` of layer ``name``: ``A`` ``(out, out)`` or ``(out,)`` (diagonal), ``B`` ``(in, in)`` or
+    ``(in,)``; ``L`` (``(r, out)``, ``A = LᵀL``) and ``M`` (``(in, r')``, ``B = MMᵀ``) are the stacked neighbour
+    matrices when they are thin enough to make a dense product cheaper (``2r < out``; e.g. a transformer MLP's
+    first layer, whose one consumer has a quarter of its rows), else ``None``; ``A`` (``B``) is ``None`` when ``L``
+    (``M``) stands for it (:class:`LayerLookahead` forms it only if a sparse change needs it)."""
     scales = scales or {}
     layer = graph.layers[name]
-    rows, cols = [], []
+    rows, cols, row_mats, col_mats = [], [], [], []
     for link in graph.producers.get(name) or [Link(None)]:
         pm, pv = _producer_matrix(link, layer.n_in, graph, weights, scales)
-        cols.append(pm @ pm.T if pm is not None else pv.float().pow(2).cpu())
+        cols.append(pm if pm is not None else pv.float().pow(2).cpu())
     for link in graph.consumers.get(name) or [Link(None)]:
         cm, cv = _consumer_matrix(link, layer.n_out, graph, weights, scales)
-        rows.append(cm.T @ cm if cm is not None else cv.float().pow(2).cpu())
+        rows.append(cm if cm is not None else cv.float().pow(2).cpu())
     dev = weights[name].device
-    return _gram(rows, layer.n_out).to(dev), _gram(cols, layer.n_in).to(dev)
+    left = torch.cat(rows, 0) if all(m.dim() == 2 for m in rows) else None
+    right = torch.cat(cols, 1) if all(m.dim() == 2 for m in cols) else None
+    left = left.to(dev) if left is not None and 2 * left.shape[0] < layer.n_out else None
+    right = right.to(dev) if right is not None and 2 * right.shape[1] < layer.n_in else None
+    a = _gram([m.T @ m if m.dim() == 2 else m for m in rows], layer.n_out).to(dev) if left is None else None
+    b = _gram([m @ m.T if m.dim() == 2 else m for m in cols], layer.n_in).to(dev) if right is None else None
+    return a, b, left, right
 
 
 def _left(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +93,9 @@ class LayerLookahead:
     """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, groups: int = 1,
-                 max_references: int = 4):
-        self.a, self.b, self.groups = a, b, groups
+                 max_references: int = 4, left: torch.Tensor | None = None, right: torch.Tensor | None = None):
+        self.left, self.right = left, right  # thin factors of A and B (see layer_factors), or None
+        self._a, self._b, self.groups = a, b, groups
         self.weight = weight.detach().float()
         self.w = _taps(self.weight, groups)  # (T, out, in)
         self.max_references = max_references
@@ -94,12 +105,25 @@ class LayerLookahead:
         self.paths = {"dense": 0, "sparse": 0}  # how each value was computed (for tests and benchmarks)
 
     @property
+    def a(self) -> torch.Tensor:
+        if self._a is None:
+            self._a = self.left.T @ self.left
+        return self._a
+
+    @property
+    def b(self) -> torch.Tensor:
+        if self._b is None:
+            self._b = self.right @ self.right.T
+        return self._b
+
+    @property
     def numel(self) -> int:
         return self.weight.numel()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x_t B`` for every tap: ``(T, out, in) → (T, out, in)``."""
-        return _right(_left(self.a, x), self.b)
+        """``A x_t B`` for every tap: ``(T, out, in) → (T, out, in)`` (through the thin factors when present)."""
+        xb = torch.matmul(torch.matmul(x, self.right), self.right.T) if self.right is not None else _right(x, self.b)
+        return _left(self.a, xb) if self.left is None else torch.matmul(self.left.T, torch.matmul(self.left, xb))
 
     def _coordinates(self, flat: torch.Tensor) -> tuple:
         """Weight-layout flat indices → ``(tap, out, in)`` of the expanded tap matrices."""
@@ -179,7 +203,8 @@ class LayerLookahead:
         return max(_dot(self.apply(d), d), 0.0)
 
     def nbytes(self) -> int:
-        tensors = [self.a, self.b, self.y_full, self.w] + [t for r in self.references for t in r[:2]]
+        tensors = [self.y_full, self.w] + [t for r in self.references for t in r[:2]]
+        tensors += [t for t in (self._a, self._b, self.left, self.right) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -217,9 +242,9 @@ class LookaheadCache:
     def layer(self, name: str) -> LayerLookahead:
         hit = self.layers.get(name)
         if hit is None:
-            a, b = layer_factors(self.graph, self.weights, name, self.scales)
+            a, b, left, right = layer_factors(self.graph, self.weights, name, self.scales)
             hit = self.layers[name] = LayerLookahead(a, b, self.weights[name], self.graph.layers[name].groups,
-                                                     self.max_references)
+                                                     self.max_references, left, right)
         return hit
 
     def full(self, name: str) -> float:

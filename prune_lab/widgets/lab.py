@@ -121,7 +121,7 @@ class PruneLab:
     """
 
     def __init__(self, session, methods=None, *, selected=None, sparsity: float = 0.9, grid=DEFAULT_GRID,
-                 debounce_s: float = 0.4, width: int = 960, panel_height: int = 520, input_shape=None):
+                 debounce_s: float = 0.3, width: int = 800, panel_height: int = 520, input_shape=None):
         self.session = session
         self.grid = tuple(round(float(s), DIGITS) for s in grid)
         self.debounce_s = debounce_s
@@ -273,7 +273,6 @@ class PruneLab:
         self.summary_html = widgets.HTML()
         self._build_hyperparameters()
         self._build_legend()
-        self._connect_pointer()
         methods_grid = widgets.GridBox(list(self.method_boxes.values()),
                                        layout=widgets.Layout(grid_template_columns="repeat(4, 225px)"))
         controls = widgets.VBox([
@@ -299,6 +298,7 @@ class PruneLab:
         ] + list(self.panel_state.values()))
         self.widget = widgets.VBox([controls, self.error, self.status, panels])
         self.widget.add_class("prune-lab")
+        self._connect_pointer()
 
     def _build_legend(self):
         """One toggle per selected method, in its colour: click to hide or show it in every panel."""
@@ -329,6 +329,10 @@ class PruneLab:
                        throttle_or_debounce="throttle", wait=50)
             ev.on_dom_event(lambda e, name=name: self._guard(lambda: self.pointer(name, e)))
             self._events.append(ev)
+        # the first time the pointer enters the dashboard, the panels take the notebook's width
+        ev = Event(source=self.widget, watched_events=["mouseenter"])
+        ev.on_dom_event(lambda e: self._guard(lambda: self._fit_to(e.get("boundingRectWidth"))))
+        self._events.append(ev)
 
     def _build_hyperparameters(self):
         rows = []
@@ -535,7 +539,7 @@ class PruneLab:
 
     def _show_status(self, _=None):
         st = self.state
-        self.busy.value = "<span style='color:#b36b00'>⏳ working…</span>" if st.busy else ""
+        self.busy.value = "<span class='prune-lab-busy' style='color:#b36b00'>⏳ working…</span>" if st.busy else ""
         self.error.value = (f"<div class='prune-lab-error' style='color:#b00020;font-weight:bold'>⚠ "
                             f"{_escape(st.error)}</div>") if st.error else ""
         self.status.value = f"<span class='prune-lab-status' style='color:#555'>{_escape(st.status)}</span>"
@@ -807,12 +811,13 @@ class PruneLab:
             ranking = self.session.ranking(m, **self.hyperparameters.get(m, {})) if not self._expensive(m) else None
             row = {"method": m, "label": get_method(m).label, "allocation": r.allocation,
                    "sparsity": round(r.sparsity, DIGITS + 1), "remaining weights": int(r.n_kept),
-                   "remaining %": round(100 * r.density, 3),
-                   "accuracy %": None if ev is None else round(100 * ev["accuracy"], 2),
-                   "loss": None if ev is None else round(ev["loss"], 4),
-                   "critical sparsity": None if ranking is None else round(ranking.critical_count() / ranking.total,
-                                                                           4),
-                   "empty layers": sum(1 for p, n in zip(r.pruned, r.numel) if p == n)}
+                   "remaining %": round(100 * r.density, 3)}
+            if self.has_data:
+                row["accuracy %"] = np.nan if ev is None else round(100 * ev["accuracy"], 2)
+                row["loss"] = np.nan if ev is None else round(ev["loss"], 4)
+            row["critical sparsity"] = np.nan if ranking is None else round(ranking.critical_count() / ranking.total,
+                                                                            4)
+            row["empty layers"] = sum(1 for p, n in zip(r.pruned, r.numel) if p == n)
             if self.has_data and self.state.evaluate and evaluate:
                 with self._lock:
                     row["output distortion"] = round(self.session.output_distortion(r)["output_distortion"], 4)
@@ -839,10 +844,7 @@ class PruneLab:
         if event.get("type") == "mouseleave":
             self.hover.value = ""
             return
-        natural = getattr(self, "_natural", {}).get(panel)
-        shown = event.get("boundingRectWidth")
-        if panel == "layers" and natural and shown and shown < natural[0] - 8 and shown >= 480:
-            self.fit_width(int(shown))  # the notebook is narrower than the panel: re-lay it out at that width
+        if panel == "layers" and self._fit_to(event.get("boundingRectWidth")):
             return
         fig = self.figures.get(panel)
         x, y = event.get("dataX"), event.get("dataY")
@@ -895,6 +897,14 @@ class PruneLab:
         return (f"<span class='prune-lab-hover-text'>{_escape(get_method(r['method']).label)} · sparsity "
                 f"{r['sparsity']:.4g} ({100 * (1 - r['sparsity']):.3g} % remaining) · accuracy "
                 f"{100 * r['accuracy']:.2f} % · loss {r['loss']:.4f}</span>")
+
+    def _fit_to(self, shown) -> bool:
+        """Re-lay the layer panel out when the notebook shows it narrower than drawn (text would shrink)."""
+        natural = getattr(self, "_natural", {}).get("layers")
+        if natural and shown and natural[0] - 8 > shown >= 480:
+            self.fit_width(int(shown) - 4)
+            return True
+        return False
 
     def fit_width(self, width: int):
         """Lay the panels out again at ``width`` pixels (what happens when the notebook is narrower)."""

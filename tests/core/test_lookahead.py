@@ -90,3 +90,19 @@ def test_updated_weights_are_measured_as_they_are():
     new = weights["0.weight"] * 0.5
     assert cache.distortion("0.weight", weight=new) == pytest.approx(
         lookahead_distortion(graph, weights, "0.weight", new), rel=1e-6)
+
+
+def test_thin_neighbours_use_their_factors_and_agree():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32, bias=False), nn.GELU(), nn.Linear(32, 8, bias=False), nn.GELU(),
+                          nn.Linear(8, 32, bias=False))
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    cache = LookaheadCache(graph, weights)
+    assert cache.layer("0.weight").left is not None  # its consumer (8 × 32) is thinner than its 32 outputs
+    assert cache.layer("2.weight").right is not None  # its producer (32 × 8) is thinner than its 32 inputs
+    gen = torch.Generator().manual_seed(3)
+    for n in graph.prunable:
+        mask = torch.rand(weights[n].shape, generator=gen) > 0.5
+        assert cache.distortion(n, mask) == pytest.approx(
+            lookahead_distortion(graph, weights, n, weights[n] * mask), rel=1e-5)

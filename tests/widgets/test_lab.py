@@ -187,7 +187,8 @@ def test_legend_toggle_hides_a_method_everywhere(session):
 def test_panel_width_follows_a_narrower_notebook(session):
     lab = PruneLab(session, debounce_s=0, width=960)
     lab.pointer("layers", {"type": "mousemove", "dataX": 10, "dataY": 10, "boundingRectWidth": 700})
-    assert lab.figures["layers"].get_size_inches()[0] * 96 == pytest.approx(700)
+    assert 690 <= lab.figures["layers"].get_size_inches()[0] * 96 <= 700
+    assert "sparsity=0.900" in lab.panel_state["layers"].value  # redrawn at once, same state
 
 
 def test_expensive_methods_wait_and_fill_their_curves_in_the_background(session):
