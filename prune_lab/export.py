@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 from typing import Mapping
 
 import torch
@@ -92,6 +93,25 @@ def _check_weights(model: nn.Module, weights: dict | None) -> dict:
     return weights
 
 
+def _check_origin(model: nn.Module, result, weights: dict | None, what: str) -> None:
+    """Updated weights replace the model's values: they must come from this model. ``ValueError`` when the result
+    records the fingerprint of a model with other weights (:attr:`PruneSession.fingerprint`)."""
+    recorded = getattr(result, "model_fingerprint", None)
+    if weights is None or not recorded:
+        return
+    from .engine.session import PruneSession
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied-weight notes were given when the result was made
+        current = PruneSession(model, device="cpu").fingerprint
+    if current != recorded:
+        raise ValueError(
+            f"{what}: this result carries updated weights (method {getattr(result, 'method', '?')!r}) computed on a "
+            f"model with other weights (fingerprint {recorded[:12]}…, this model {current[:12]}…); writing them "
+            f"would put that model's values into this one. Use the model the result was computed on, or apply "
+            f"only the masks: {what}(model, result.masks).")
+
+
 def _aliases(model: nn.Module) -> dict:
     """``{canonical parameter name: [(module, attribute)]}``: every place a parameter is registered (tied weights
     appear under several modules, ``named_parameters()`` lists them once)."""
@@ -132,6 +152,7 @@ def to_torch_prune(model: nn.Module, result) -> nn.Module:
     masks, weights = _masks_and_weights(result)
     masks = check_fit(model, masks)
     weights = _check_weights(model, weights)
+    _check_origin(model, result, weights or None, "to_torch_prune")
     out = copy.deepcopy(model)
     aliases = _aliases(out)
     for name, mask in masks.items():
@@ -177,7 +198,9 @@ def apply(model: nn.Module, result, *, inplace: bool = False) -> nn.Module:
     result's updated weights when it has them). Returns a deep copy unless ``inplace=True`` (then ``model`` itself
     is changed and returned). Plain parameters: no hooks, no extra buffers.
 
-    ``result``: a :class:`~prune_lab.PruneResult` or a dict ``{name: BoolTensor}`` (parameter shapes).
+    ``result``: a :class:`~prune_lab.PruneResult` or a dict ``{name: BoolTensor}`` (parameter shapes). A result
+    with updated weights (``result.weights``) must have been computed on ``model`` (same weights fingerprint), else
+    ``ValueError``: its weights would overwrite this model's values; masks alone apply to any model of that shape.
 
     >>> import torch, prune_lab as pl
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -192,6 +215,7 @@ def apply(model: nn.Module, result, *, inplace: bool = False) -> nn.Module:
     masks, weights = _masks_and_weights(result)
     masks = check_fit(model, masks)
     weights = _check_weights(model, weights)
+    _check_origin(model, result, weights or None, "apply")
     out = model if inplace else copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():

@@ -91,6 +91,37 @@ def wrong_shape_masks():
     return pl.prune(other, "magnitude", 0.5).masks
 
 
+def empty_loader(d):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(d[0][:0], d[1][:0]), batch_size=4)
+
+
+def damaged_result(change):
+    """A result saved by ``result.save`` and then damaged by ``change(payload)``: the path of the file."""
+    import os
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "result.pt")
+    pl.prune(mlp(), "magnitude", 0.5).save(path)
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+    return path
+
+
+def _drop(key):
+    return lambda payload: payload.pop(key)
+
+
+def _set(key, value):
+    return lambda payload: payload.__setitem__(key, value)
+
+
+MSG_EMPTY = r"method '{}': data is empty \(0 samples\)"
+MSG_EMPTY_PAIR = r"method '{}': data: the \(inputs, targets\) tuple is empty \(N = 0\)"
+MSG_RUN = r"data: the model could not run on inputs of shape \(12, 4\) \(one sample: \(4,\)\) and dtype torch\.float32"
+MSG_LABELS = r"labels must be class indices in \[0, 3\) for a model with 3 outputs; got labels from [56] to 7"
+
+
 @dataclass
 class Row:
     id: str
@@ -185,6 +216,68 @@ ROWS = [
     Row("score/needs data", lambda m, d: pl.score(m, PROBE), ValueError, rf"method '{PROBE}' needs data"),
     Row("session/evaluate without data", lambda m, d: pl.PruneSession(m).evaluate(), ValueError,
         r"evaluate needs data: pass data=\.\.\."),
+    # ---------------------------------------------------------------- data methods: empty, wrong shape / dtype / labels
+    Row("snip/empty batch", lambda m, d: pl.prune(m, "snip", 0.5, data=(d[0][:0], d[1][:0])), ValueError,
+        MSG_EMPTY_PAIR.format("snip")),
+    Row("snip/empty DataLoader", lambda m, d: pl.prune(m, "snip", 0.5, data=empty_loader(d)), ValueError,
+        MSG_EMPTY.format("snip") + ": the DataLoader's dataset has no samples"),
+    Row("grasp/empty batch", lambda m, d: pl.prune(m, "grasp", 0.5, data=(d[0][:0], d[1][:0])), ValueError,
+        MSG_EMPTY_PAIR.format("grasp")),
+    Row("grasp/empty DataLoader", lambda m, d: pl.prune(m, "grasp", 0.5, data=empty_loader(d)), ValueError,
+        MSG_EMPTY.format("grasp")),
+    Row("woodfisher/empty batch", lambda m, d: pl.prune(m, "woodfisher", 0.5, data=(d[0][:0], d[1][:0])),
+        ValueError, MSG_EMPTY_PAIR.format("woodfisher")),
+    Row("woodfisher/empty DataLoader", lambda m, d: pl.prune(m, "woodfisher", 0.5, data=empty_loader(d)),
+        ValueError, MSG_EMPTY.format("woodfisher")),
+    Row("cbs/empty DataLoader", lambda m, d: pl.prune(m, "cbs", 0.5, data=empty_loader(d)), ValueError,
+        MSG_EMPTY.format("cbs")),
+    Row("obs_layerwise/empty batch", lambda m, d: pl.prune(m, "obs_layerwise", 0.5, data=(d[0][:0], d[1][:0])),
+        ValueError, MSG_EMPTY_PAIR.format("obs_layerwise")),
+    Row("obs_layerwise/empty DataLoader", lambda m, d: pl.prune(m, "obs_layerwise", 0.5, data=empty_loader(d)),
+        ValueError, MSG_EMPTY.format("obs_layerwise")),
+    Row("wanda/empty DataLoader", lambda m, d: pl.prune(m, "wanda", 0.5, data=empty_loader(d)), ValueError,
+        MSG_EMPTY.format("wanda")),
+    Row("snip/wrong input shape", lambda m, d: pl.prune(m, "snip", 0.5, data=(d[0][:, :4], d[1])), ValueError,
+        MSG_RUN),
+    Row("grasp/integer inputs", lambda m, d: pl.prune(m, "grasp", 0.5, data=(d[0].long(), d[1])), TypeError,
+        r"inputs must be floating point, got dtype torch\.int64"),
+    Row("woodfisher/wrong input shape", lambda m, d: pl.prune(m, "woodfisher", 0.5, data=(d[0][:, :4], d[1])),
+        ValueError, MSG_RUN),
+    Row("obs_layerwise/wrong input shape",
+        lambda m, d: pl.prune(m, "obs_layerwise", 0.5, data=(d[0][:, :4], d[1])), ValueError, MSG_RUN),
+    Row("wanda/wrong input shape", lambda m, d: pl.prune(m, "wanda", 0.5, data=(d[0][:, :4], d[1])), ValueError,
+        MSG_RUN),
+    Row("snip/labels outside the classes", lambda m, d: pl.prune(m, "snip", 0.5, data=(d[0], d[1] + 5)),
+        ValueError, "data: " + MSG_LABELS),
+    Row("cbs/labels outside the classes", lambda m, d: pl.prune(m, "cbs", 0.5, data=(d[0], d[1] + 5)),
+        ValueError, "data: " + MSG_LABELS),
+    Row("evaluate/labels outside the classes", lambda m, d: pl.evaluate(m, (d[0], d[1] + 5)), ValueError,
+        "data: " + MSG_LABELS),
+    Row("synflow/wrong input_shape", lambda m, d: pl.prune(m, "synflow", 0.5, input_shape=(4,)), ValueError,
+        r"input_shape \(4,\) does not fit the model: it could not run on an input of shape \(1, 4\)"),
+    # ---------------------------------------------------------------- non-numeric hyperparameters and seeds
+    Row("prune/rounds=str", lambda m, d: pl.prune(m, "synflow", 0.5, input_shape=(6,), rounds="ten"), TypeError,
+        r"hyperparameter 'rounds' of method 'synflow' must be an int in \[1, 1000\], got 'ten' of type str"),
+    Row("prune/samples=float", lambda m, d: pl.prune(m, "snip", 0.5, data=d, samples=2.5), TypeError,
+        r"hyperparameter 'samples' of method 'snip' must be an int in \[1, 100000\], got 2\.5"),
+    Row("prune/damping=nan", lambda m, d: pl.prune(m, "woodfisher", 0.5, data=d, damping=float("nan")),
+        ValueError, r"hyperparameter 'damping' of method 'woodfisher' must be in \[1e-10, 10\.0\], got nan"),
+    Row("prune/seed=str", lambda m, d: pl.prune(m, "random", 0.5, seed="a"), TypeError,
+        "seed must be an int, got 'a' of type str"),
+    # ---------------------------------------------------------------- a sparsity that rounds to 1.0
+    Row("prune/budget rounds to every weight", lambda m, d: pl.prune(m, "global_magnitude", 0.9999), ValueError,
+        r"sparsity 0\.9999 with allocation 'global' prunes every one of the model's 45 weights .*sparsity 1\.0, "
+        r"which is not allowed\. Ask for a sparsity below 0\.988889"),
+    Row("prune/uniform budget rounds to every weight", lambda m, d: pl.prune(m, "magnitude", 0.995), ValueError,
+        r"allocation 'uniform' prunes every one of the model's 45 weights"),
+    # ---------------------------------------------------------------- damaged result files
+    Row("result.load/missing key", lambda m, d: PruneResult.load(damaged_result(_drop("numel"))), ValueError,
+        r"is not a complete saved PruneResult: it lacks 'numel'"),
+    Row("result.load/string format version",
+        lambda m, d: PruneResult.load(damaged_result(_set("format_version", "1"))), ValueError,
+        r"its format_version is '1' \(str\), not a non-negative int"),
+    Row("result.load/missing mask", lambda m, d: PruneResult.load(damaged_result(lambda p: p["masks"].pop("2.weight"))),
+        ValueError, r"no mask for layer '2\.weight'"),
     # ---------------------------------------------------------------- masks of another model
     Row("prune/masks of another model", lambda m, d: pl.prune(m, "lamp", 0.5, masks=conv_masks()), ValueError,
         r"masks do not fit this model: 'c1\.weight' is not one of its prunable weights \(0\.weight, 2\.weight\)"),

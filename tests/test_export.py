@@ -146,3 +146,32 @@ def test_import_masks_pruned_by_torch():
     # the imported masks start a prune_lab session; the new masks nest inside them
     res = pl.prune(net, "magnitude", 0.8, allocation="global", masks=masks)
     assert all(torch.all(res.masks[n] <= masks[n]) for n in masks)
+
+
+def test_updated_weights_of_another_model_are_refused(mlp):
+    """Issue 16: apply() / to_torch_prune() wrote weights updated on model a into model b without a check."""
+    res = pl.prune(mlp, "magnitude", 0.5)
+    new = {n: torch.full_like(p, 0.25) for n, p in pl.prunable_parameters(mlp).items()}
+    upd = dataclasses.replace(res, weights=new, _masks=res.masks, _mask_builder=None)
+    torch.manual_seed(1)
+    other = type(mlp)(*[copy_module(m) for m in mlp])  # same architecture, other weights
+    before = state_copy(other)
+    for fn, what in ((export.apply, "apply"), (export.to_torch_prune, "to_torch_prune")):
+        with pytest.raises(ValueError, match=rf"{what}: this result carries updated weights .* other weights"):
+            fn(other, upd)
+    assert_state_equal(other, before)
+    # the masks alone still apply to any model of that shape, and the right model takes the weights
+    assert torch.equal(export.apply(other, upd.masks)[0].weight, other[0].weight * upd.masks["0.weight"])
+    assert torch.equal(export.apply(mlp, upd)[0].weight, 0.25 * res.masks["0.weight"])
+    # a result without updated weights is not fingerprint-checked (masks may be reused on a retrained twin)
+    export.apply(other, res)
+
+
+def copy_module(m):
+    import copy
+
+    m = copy.deepcopy(m)
+    for p in m.parameters():
+        with torch.no_grad():
+            p.normal_()
+    return m

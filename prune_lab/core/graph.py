@@ -8,6 +8,12 @@ unit feed several consumers and read several producers: every one of them become
 
 When a model cannot be traced symbolically, the graph falls back to the order in which layers run on an example
 input (or, without one, to registration order) with chain neighbours, and says so in ``graph.notes``.
+
+The graph's layers are every weight the model uses in a matrix product or a convolution, not only the Linear / Conv
+modules fx sees called: ``nn.MultiheadAttention``'s projections (fx keeps it, and ``nn.TransformerEncoderLayer``,
+whole), RNN / LSTM / GRU matrices, weights passed to ``F.linear`` / ``F.conv*`` (Swin's attention) and parametrized
+weights (by their stored original: ``.weight`` of a parametrized module is never evaluated). A weight used where the
+graph does not look gets identity neighbours; ``graph.unresolved`` names every layer with a hidden neighbour.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -113,15 +120,33 @@ class LayerGraph:
     ['2.weight']
     """
 
-    layers: dict  # name -> Layer, every Linear/Conv weight in data-flow order (prunable or not)
+    layers: dict  # name -> Layer, every weight used in a matrix product / convolution, data-flow order
     producers: dict  # name -> list[Link]
     consumers: dict  # name -> list[Link]
     exact: bool = True  # False when the data flow could not be traced (chain neighbours instead)
     notes: list = field(default_factory=list)
+    # name -> what hides (some of) the layer's neighbours: operations the graph does not see through (concat,
+    # LayerNorm, permute, attention, …) or, for a weight used outside the traced graph, where it is used
+    unresolved: dict = field(default_factory=dict)
+    _warned: bool = field(default=False, repr=False, compare=False)
 
     @property
     def prunable(self) -> list:
         return [n for n, layer in self.layers.items() if layer.prunable]
+
+    def warn_unresolved(self, what: str = "LAP and the lookahead distortion", *, stacklevel: int = 3) -> None:
+        """One ``UserWarning`` (once per graph) naming the prunable layers whose neighbours could not all be found
+        and count as the identity. Graph-based measures call it."""
+        names = [n for n in self.unresolved if n in self.layers and self.layers[n].prunable]
+        if self._warned or not names:
+            return
+        self._warned = True
+        ops = sorted({op for n in names for op in self.unresolved[n]})
+        shown = ", ".join(map(repr, names[:8])) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        hidden = "; ".join(ops[:4]) + ("; …" if len(ops) > 4 else "")
+        warnings.warn(f"{what}: {len(names)} layer(s) have neighbours the layer graph cannot find, counted as the "
+                      f"identity (no lookahead across them): {shown}. The graph does not see through: {hidden}. "
+                      f"graph.unresolved lists every layer and why.", UserWarning, stacklevel=stacklevel)
 
     @property
     def bn_modules(self) -> list:
@@ -151,25 +176,123 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".weight", 1)[0], p) for p in patterns)
 
 
-def _weight_names(model: nn.Module) -> dict:
-    """module name -> canonical weight name (tied weights map to the first name that ``named_parameters`` gives)."""
-    canonical = {}
+def _canonical_ids(model: nn.Module) -> dict:
+    """``{id(parameter): canonical name}``: the first name ``named_parameters()`` gives (tied weights appear once)."""
+    canonical: dict = {}
     for name, p in model.named_parameters():
         canonical.setdefault(id(p), name)
-    out = {}
+    return canonical
+
+
+def _expected_shape(module: nn.Module) -> tuple:
+    """The shape of a Linear / Conv module's weight, from its attributes (never by evaluating ``.weight``, which
+    runs a parametrization: spectral norm's power iteration changes its buffers in train mode)."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+
+
+def _stored_parameter(module: nn.Module, attr: str, shape: tuple | None):
+    """The Parameter that holds ``module.<attr>``'s values: the attribute itself, or for a parametrized attribute
+    (``weight_norm``, ``spectral_norm``, ``register_parametrization``) the one original of the weight's shape
+    (``parametrizations.<attr>.original``, or ``original1`` for weight norm's direction ``v``). Returns ``(path
+    relative to the module, Parameter)`` or ``None`` (no such Parameter, or no single original of that shape)."""
+    if parametrize.is_parametrized(module, attr):
+        originals = [(k, p) for k, p in module.parametrizations[attr]._parameters.items()
+                     if isinstance(p, nn.Parameter) and (shape is None or tuple(p.shape) == tuple(shape))]
+        if len(originals) != 1:
+            return None
+        return f"parametrizations.{attr}.{originals[0][0]}", originals[0][1]
+    p = module._parameters.get(attr)
+    return (attr, p) if isinstance(p, nn.Parameter) else None
+
+
+def stored_weight(module: nn.Module, attr: str = "weight"):
+    """The Parameter holding a Linear / Conv (or any) module's ``attr`` without evaluating it: ``module.weight``
+    itself, or the original of a parametrized weight (spectral norm's ``.weight`` would run a power iteration that
+    changes its buffers in train mode). ``None`` when there is no such Parameter.
+
+    >>> stored_weight(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))).shape
+    torch.Size([2, 3])
+    """
+    shape = _expected_shape(module) if isinstance(module, PRUNABLE_TYPES) and attr == "weight" else None
+    hit = _stored_parameter(module, attr, shape)
+    return None if hit is None else hit[1]
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A weight used in a matrix product or a convolution, found from the module it belongs to."""
+
+    name: str  # canonical parameter name
+    module: str  # the module that uses it (Linear / Conv / MultiheadAttention / RNN)
+    kind: str
+    shape: tuple
+    groups: int
+    graph_node: bool  # True: the weight of a Linear/Conv module, a graph node when fx sees the module called
+
+
+def _matrix_weights(model: nn.Module) -> tuple:
+    """``(weight_of, found)``: ``weight_of`` maps every Linear/Conv module name to its weight's canonical name;
+    ``found`` lists every weight used in a matrix product or a convolution that a module's type tells about, in
+    ``named_modules()`` order: Linear/Conv weights (parametrized ones by their original), ``nn.MultiheadAttention``'s
+    ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``, and the input, hidden and projection
+    matrices of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``."""
+    canonical = _canonical_ids(model)
+    weight_of: dict = {}
+    found: list = []
+
+    def add(mname, module, attr, kind, shape, groups, graph_node):
+        hit = _stored_parameter(module, attr, shape)
+        if hit is None or id(hit[1]) not in canonical:
+            return None
+        name = canonical[id(hit[1])]
+        found.append(_Found(name, mname, kind, tuple(hit[1].shape), groups, graph_node))
+        return name
+
     for mname, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
-            out[mname] = canonical.get(id(module.weight))
-    return {m: n for m, n in out.items() if n is not None}
+        if isinstance(module, PRUNABLE_TYPES):
+            name = add(mname, module, "weight", _kind(module), _expected_shape(module), getattr(module, "groups", 1),
+                       True)
+            if name is not None:
+                weight_of[mname] = name
+        elif isinstance(module, nn.MultiheadAttention):
+            attrs = ("in_proj_weight",) if module._qkv_same_embed_dim else \
+                ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+            for attr in attrs:
+                add(mname, module, attr, "linear", None, 1, False)
+        elif isinstance(module, nn.RNNBase):
+            for attr in module._flat_weights_names:
+                if attr.startswith("weight_"):
+                    add(mname, module, attr, "linear", None, 1, False)
+    return weight_of, found
 
 
 def _structure_key(model: nn.Module, include, exclude) -> tuple:
+    # modules by name and type, parameters by name and shape: never ``.weight`` itself (a parametrization would run)
     return (
-        tuple((n, type(m).__name__, tuple(getattr(m, "weight").shape))
-              for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)),
+        tuple((n, type(m).__name__) for n, m in model.named_modules()),
+        tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
         tuple(include) if isinstance(include, (list, tuple)) else include,
         tuple(exclude) if isinstance(exclude, (list, tuple)) else exclude,
     )
+
+
+class _ParametrizationsFrozen:
+    """Every parametrization module in eval mode while the graph is built (each one's own flag restored after):
+    should tracing evaluate a parametrized weight, spectral norm's power iteration must not change ``_u``/``_v``."""
+
+    def __init__(self, model: nn.Module):
+        self.modes = [(m, m.training) for mod in model.modules() if parametrize.is_parametrized(mod)
+                      for m in mod.parametrizations.modules()]
+
+    def __enter__(self):
+        for m, _ in self.modes:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m, t in self.modes:
+            m.training = t
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -192,11 +315,12 @@ def build_graph(model: nn.Module, *, include=None, exclude=None, example_inputs=
     per_model = _CACHE.setdefault(model, {})
     if key in per_model:
         return per_model[key]
-    weight_of = _weight_names(model)
-    try:
-        graph = _single_layer(model) if isinstance(model, PRUNABLE_TYPES) else _trace_fx(model, weight_of)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to an execution-order chain
-        graph = _trace_chain(model, weight_of, example_inputs, reason=f"{type(exc).__name__}: {exc}")
+    weight_of, found = _matrix_weights(model)
+    with _ParametrizationsFrozen(model):
+        try:
+            graph = _single_layer(found) if isinstance(model, PRUNABLE_TYPES) else _trace_fx(model, weight_of, found)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to an execution-order chain
+            graph = _trace_chain(model, found, example_inputs, reason=f"{type(exc).__name__}: {exc}")
     for name, layer in list(graph.layers.items()):
         # a tied weight also answers to its module's name (a tied ``lm_head`` is ``embed_tokens.weight`` here)
         aliases = (name, f"{layer.module}.weight") if layer.module else (name,)
@@ -216,7 +340,9 @@ def build_graph(model: nn.Module, *, include=None, exclude=None, example_inputs=
 
 
 def prunable_parameters(model: nn.Module, *, include=None, exclude=None) -> dict:
-    """The prunable weights ``{name: Parameter}`` in data-flow order: every Linear and Conv1d/2d/3d ``weight``.
+    """The prunable weights ``{name: Parameter}`` in data-flow order: every weight used in a matrix product or a
+    convolution (Linear / Conv1d/2d/3d weights, ``nn.MultiheadAttention`` projections, RNN / LSTM / GRU matrices,
+    parameters passed to ``F.linear`` / ``F.conv*``; parametrized weights by their original of the weight's shape).
 
     ``include`` / ``exclude`` narrow the set by glob pattern on the names. Tied (shared) weights appear once.
 
@@ -231,39 +357,129 @@ def prunable_parameters(model: nn.Module, *, include=None, exclude=None) -> dict
     return {name: params[name] for name in graph.prunable}
 
 
-def _single_layer(model: nn.Module) -> LayerGraph:
+def _single_layer(found: list) -> LayerGraph:
     """The model is one Linear/Conv layer: its neighbours are the model's input and output."""
-    layer = Layer("weight", "", _kind(model), tuple(model.weight.shape), getattr(model, "groups", 1), True)
-    return LayerGraph({"weight": layer}, {"weight": [Link(None)]}, {"weight": [Link(None)]})
+    if not found:
+        return LayerGraph({}, {}, {})
+    f = found[0]
+    layer = Layer(f.name, "", f.kind, f.shape, f.groups, True)
+    return LayerGraph({f.name: layer}, {f.name: [Link(None)]}, {f.name: [Link(None)]})
 
 
 # --------------------------------------------------------------------------------------------------------------
 # torch.fx tracing
 # --------------------------------------------------------------------------------------------------------------
-def _trace_fx(model: nn.Module, weight_of: dict) -> LayerGraph:
+_CONV_FUNCTIONS = {_F.conv1d: "conv1d", _F.conv2d: "conv2d", _F.conv3d: "conv3d"}
+
+
+def _functional_weight(node, by_path: dict):
+    """For ``F.linear`` / ``F.conv1d/2d/3d`` called on a parameter: ``(parameter, kind, groups)``, else ``None``."""
+    if node.op != "call_function":
+        return None
+    if node.target is _F.linear:
+        kind, dim = "linear", 2
+    elif node.target in _CONV_FUNCTIONS:
+        kind = _CONV_FUNCTIONS[node.target]
+        dim = int(kind[4]) + 2
+    else:
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
+        return None
+    p = by_path.get(w.target)
+    if p is None or p.dim() != dim:
+        return None
+    groups = 1
+    if kind != "linear":
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or p.shape[0] % groups:
+            groups = 1  # not a literal: the layer keeps identity-sized neighbours
+    return p, kind, groups
+
+
+def _trace_fx(model: nn.Module, weight_of: dict, found: list) -> LayerGraph:
     gm = torch.fx.symbolic_trace(model)
     modules = dict(model.named_modules())
+    canonical = _canonical_ids(model)
+    by_path = dict(model.named_parameters(remove_duplicate=False))
+    info: dict = {}
+    for f in found:
+        info.setdefault(f.name, f)
+    nodes = list(gm.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
     layers: dict = {}
     nodes_of: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in weight_of:
-            name = weight_of[node.target]
-            module = modules[node.target]
-            if name not in layers:
-                layers[name] = Layer(name, node.target, _kind(module), tuple(module.weight.shape),
-                                     getattr(module, "groups", 1), True)
+    layer_of: dict = {}  # graph node -> weight name: Linear/Conv module calls, F.linear / F.conv* on a parameter
+    called: dict = {}  # module name -> index of its first call
+    attr_use: dict = {}  # weight name -> (index of the first node reading it, that node), for get_attr parameters
+    for i, node in enumerate(nodes):
+        name = layer = None
+        if node.op == "call_module":
+            called.setdefault(node.target, i)
+            if node.target in weight_of:
+                name = weight_of[node.target]
+                module = modules[node.target]
+                layer = Layer(name, node.target, _kind(module), info[name].shape, getattr(module, "groups", 1), True)
+        elif node.op == "get_attr" and node.target in by_path:
+            users = sorted(((index[u], u) for u in node.users), key=lambda t: t[0]) if node.users else [(i, node)]
+            attr_use.setdefault(canonical.get(id(by_path[node.target])), users[0])
+        else:
+            hit = _functional_weight(node, by_path)
+            if hit is not None and id(hit[0]) in canonical:
+                p, kind, groups = hit
+                name = canonical[id(p)]
+                owner = info[name].module if name in info else name.rpartition(".")[0]
+                layer = Layer(name, owner, kind, tuple(p.shape), groups, True)
+        if name is not None:
+            layers.setdefault(name, layer)
             nodes_of.setdefault(name, []).append(node)
-    if not layers:
+            layer_of[node] = name
+    # Weights used where the graph does not look (inside a module fx keeps whole, such as nn.MultiheadAttention
+    # or nn.TransformerEncoderLayer, or passed to a function it does not trace into, such as Swin's attention):
+    # prunable, with identity neighbours, placed where they are used.
+    outside: list = []
+    unresolved: dict = {}
+    for seq, f in enumerate(found):
+        if f.name in layers or any(f.name == o[2].name for o in outside):
+            continue
+        parts = f.module.split(".") if f.module else []
+        ancestors = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+        hits = [(called[a], a) for a in ancestors if a in called]
+        where = None
+        if hits:
+            pos, a = min(hits)
+            where = f"it is used inside {type(modules[a]).__name__} {a!r}, which the graph does not trace into"
+        if f.name in attr_use and (not hits or attr_use[f.name][0] < pos):
+            pos, user = attr_use[f.name]
+            where = f"it is used through {_describe(user)}, which the graph does not see as a layer"
+        if where is None:
+            continue  # never used in forward (a dead module): not part of the model's computation
+        outside.append((pos, seq, Layer(f.name, f.module, f.kind, f.shape, f.groups, True)))
+        unresolved[f.name] = [where]
+    if not layers and not outside:
         return LayerGraph({}, {}, {})
     notes: list = []
     producers = {n: [] for n in layers}
     consumers = {n: [] for n in layers}
-    for name, nodes in nodes_of.items():
-        for node in nodes:
-            producers[name] += _walk(node.args[0], modules, weight_of, backward=True, notes=notes)
-            consumers[name] += _walk_users(node, modules, weight_of, notes=notes)
-    # Layers that are never called in forward (dead modules) have no links: treat as isolated.
-    return LayerGraph(layers, producers, consumers, True, sorted(set(notes)))
+    for name, lnodes in nodes_of.items():
+        ops: list = []
+        for node in lnodes:
+            first = node.args[0] if node.args else node.kwargs.get("input")
+            producers[name] += _walk(first, modules, layer_of, backward=True, notes=notes, ops=ops)
+            consumers[name] += _walk_users(node, modules, layer_of, notes=notes, ops=ops)
+        if ops:
+            unresolved[name] = sorted(set(ops))
+    first_node = {n: index[v[0]] for n, v in nodes_of.items()}
+    order = sorted([(first_node[n], 0, n, layers[n]) for n in layers] +
+                   [(pos, 1, layer.name, layer) for pos, _, layer in outside], key=lambda t: (t[0], t[1]))
+    all_layers = {n: layer for _, _, n, layer in order}
+    for _, _, layer in outside:
+        producers[layer.name] = [Link(None)]
+        consumers[layer.name] = [Link(None)]
+        notes.append(f"{layer.name!r} is outside the traced graph ({unresolved[layer.name][0]}): its neighbours "
+                     f"count as the identity")
+    unresolved = {n: unresolved[n] for n in all_layers if n in unresolved}
+    return LayerGraph(all_layers, producers, consumers, True, sorted(set(notes)), unresolved)
 
 
 def _classify(node, modules) -> str:
@@ -274,8 +490,6 @@ def _classify(node, modules) -> str:
         return "output"
     if node.op == "call_module":
         m = modules.get(node.target)
-        if isinstance(m, PRUNABLE_TYPES):
-            return "layer"
         if isinstance(m, _BN_TYPES):
             return "bn"
         if isinstance(m, nn.Flatten):
@@ -312,7 +526,7 @@ def _describe(node) -> str:
     return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 
-def _walk(start, modules, weight_of, *, backward: bool, notes: list) -> list:
+def _walk(start, modules, layer_of, *, backward: bool, notes: list, ops: list) -> list:
     """Producers of the tensor ``start``: follow arguments back to the nearest Linear/Conv layers."""
     links: list = []
     seen: set = set()
@@ -324,9 +538,9 @@ def _walk(start, modules, weight_of, *, backward: bool, notes: list) -> list:
         if node in seen:
             continue
         seen.add(node)
-        kind = _classify(node, modules)
-        if kind == "layer" and node.target in weight_of:
-            links.append(Link(weight_of[node.target], near, far, flat))
+        kind = "layer" if node in layer_of else _classify(node, modules)
+        if kind == "layer":
+            links.append(Link(layer_of[node], near, far, flat))
         elif kind == "input":
             links.append(Link(None, near, far, flat))
         elif kind == "bn":
@@ -343,11 +557,12 @@ def _walk(start, modules, weight_of, *, backward: bool, notes: list) -> list:
                     stack.append((arg, near, far, flat))
         else:
             notes.append(f"the graph does not see through {_describe(node)}; it counts as the identity")
+            ops.append(_describe(node))
             links.append(Link(None, near, far, flat))
     return links
 
 
-def _walk_users(start, modules, weight_of, *, notes: list) -> list:
+def _walk_users(start, modules, layer_of, *, notes: list, ops: list) -> list:
     """Consumers of the output of layer node ``start``: follow users forward to the nearest Linear/Conv layers."""
     links: list = []
     seen: set = set()
@@ -357,10 +572,10 @@ def _walk_users(start, modules, weight_of, *, notes: list) -> list:
         if node in seen:
             continue
         seen.add(node)
-        kind = _classify(node, modules)
-        if kind == "layer" and node.target in weight_of:
+        kind = "layer" if node in layer_of else _classify(node, modules)
+        if kind == "layer":
             if node.args and node.args[0] is came_from:
-                links.append(Link(weight_of[node.target], near, far, flat))
+                links.append(Link(layer_of[node], near, far, flat))
             else:  # the tensor is a non-input argument of the layer (rare): not a unit-to-unit path
                 links.append(Link(None, near, far, flat))
             continue
@@ -380,6 +595,7 @@ def _walk_users(start, modules, weight_of, *, notes: list) -> list:
                 continue  # e.g. the tensor used as a shape argument: no data flows along this edge
         else:
             notes.append(f"the graph does not see through {_describe(node)}; it counts as the identity")
+            ops.append(_describe(node))
             links.append(Link(None, near, far, flat))
             continue
         for user in reversed(list(node.users)):
@@ -390,38 +606,45 @@ def _walk_users(start, modules, weight_of, *, notes: list) -> list:
 # --------------------------------------------------------------------------------------------------------------
 # Fallback: execution order and chain neighbours
 # --------------------------------------------------------------------------------------------------------------
-def _trace_chain(model: nn.Module, weight_of: dict, example_inputs, *, reason: str) -> LayerGraph:
+def _trace_chain(model: nn.Module, found: list, example_inputs, *, reason: str) -> LayerGraph:
     modules = dict(model.named_modules())
-    order: list = []
+    ran: dict = {}  # module name -> position in the order modules ran
     how = "the order in which modules are registered"
     if example_inputs is not None:
         handles = []
+        watched = {".".join(f.module.split(".")[:k]) for f in found for k in range(1, f.module.count(".") + 2)
+                   if f.module}
+        modes = [(m, m.training) for m in model.modules()]
         try:
-            for mname in weight_of:
+            for mname in watched:
                 handles.append(modules[mname].register_forward_pre_hook(
-                    lambda mod, args, _n=mname: order.append(_n) if _n not in order else None))
-            was_training = model.training
+                    lambda mod, args, _n=mname: ran.setdefault(_n, len(ran))))
             model.eval()
-            try:
-                with torch.no_grad():
-                    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-                    model(*inputs)
-            finally:
-                model.train(was_training)
+            with torch.no_grad():
+                inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+                model(*inputs)
             how = "the order in which layers ran on an example input"
         except Exception:  # noqa: BLE001
-            order = []
+            ran = {}
         finally:
             for h in handles:
                 h.remove()
-    if not order:
-        order = list(weight_of)
+            for m, t in modes:
+                m.training = t
+    order: list = []
+    for seq, f in enumerate(found):
+        if not ran:
+            order.append((seq, f))
+            continue
+        parts = f.module.split(".")
+        hits = [ran[p] for p in (".".join(parts[:k]) for k in range(len(parts), 0, -1)) if p in ran]
+        if hits:  # the layer's module ran, or (a weight used inside a module) the module holding it
+            order.append((hits[0], f))
+    order.sort(key=lambda t: t[0])
     layers: dict = {}
-    for mname in order:
-        name = weight_of[mname]
-        if name not in layers:
-            m = modules[mname]
-            layers[name] = Layer(name, mname, _kind(m), tuple(m.weight.shape), getattr(m, "groups", 1), True)
+    for _, f in order:
+        if f.name not in layers:
+            layers[f.name] = Layer(f.name, f.module, f.kind, f.shape, f.groups, True)
     names = list(layers)
     producers = {n: [] for n in names}
     consumers = {n: [] for n in names}
@@ -519,6 +742,7 @@ def neighbour_factors(graph: LayerGraph, weights: dict, name: str, scales: dict 
     (possibly masked) weights of every layer in the graph; ``scales`` are :func:`bn_scales`.
     """
     scales = scales or {}
+    graph.warn_unresolved("LAP", stacklevel=4)
     layer = graph.layers[name]
     w = weights[name]
     dev = w.device

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .validation import input_error, match_input_dtype
+
 __all__ = [
     "per_sample_gradients", "EmpiricalFisher", "fisher_blocks", "obs_saliency", "woodfisher_update",
     "cbs_objective", "swap_terms", "cbs_update", "cbs_update_lagrangian", "random_magnitude_pruned",
@@ -63,6 +65,8 @@ def per_sample_gradients(model: nn.Module, weights: dict, names: list, x: torch.
         raise ValueError(f"weights has no entry for {missing[0]!r}; it must hold every name in names.")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}.")
+    if x.shape[0] == 0:
+        raise ValueError("x and y are empty (N = 0): the empirical Fisher needs at least one sample's gradient.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     fixed = {k: v.detach() for k, v in model.named_parameters()}
@@ -81,11 +85,17 @@ def per_sample_gradients(model: nn.Module, weights: dict, names: list, x: torch.
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
+        x = match_input_dtype(x, list(variables.values()))  # float32 data, half-precision model: cast
         with torch.no_grad():
-            n_out = functional_call(model, {**fixed, **variables}, (x[:1].to(dev),)).shape[-1]
+            try:
+                n_out = functional_call(model, {**fixed, **variables}, (x[:1].to(dev),)).shape[-1]
+            except RuntimeError as exc:
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                raise input_error(exc, x, what="data") from exc
         if int(y.min()) < 0 or int(y.max()) >= n_out:
-            raise ValueError(f"y must hold class indices in [0, {n_out}) for a model with {n_out} outputs; got "
-                             f"labels from {int(y.min())} to {int(y.max())}. Do the data and the model match?")
+            raise ValueError(f"data: labels must be class indices in [0, {n_out}) for a model with {n_out} outputs; "
+                             f"got labels from {int(y.min())} to {int(y.max())}. Do the data and the model match?")
         starts = range(0, x.shape[0], chunk_size)
         for a in _tqdm(starts, desc="per-sample gradients", disable=not progress or None, leave=False):
             xb, yb = x[a:a + chunk_size].to(dev), y[a:a + chunk_size].to(dev)
@@ -452,8 +462,10 @@ def random_magnitude_pruned(w: torch.Tensor, units: list, counts: list, *, trial
 
 @dataclass
 class CBSResult:
-    """Outcome of :func:`cbs_select`: ``pruned`` (bool ``(d,)``), the objective at the start and end, the number
-    of accepted swaps, the training loss of the kept mask and the per-trial start losses."""
+    """Outcome of :func:`cbs_select`: ``pruned`` (bool ``(d,)``), the objective at the start and of the kept mask,
+    the number of accepted swaps, the training loss of the kept mask and the per-trial start losses; the objective
+    and loss of the magnitude start (trial 0), and ``fallback``: True when the search's mask was worse than that
+    start on both and the magnitude start was returned instead."""
 
     pruned: torch.Tensor
     start_objective: float
@@ -462,11 +474,20 @@ class CBSResult:
     loss: float | None = None
     start_losses: list = field(default_factory=list)
     history: list = field(default_factory=list)
+    magnitude_objective: float | None = None
+    magnitude_loss: float | None = None
+    fallback: bool = False
+
+    def info(self) -> dict:
+        """Plain numbers for a result's ``info``: the kept mask's objective and loss beside the magnitude start's."""
+        return {"cbs_objective": self.objective, "cbs_loss": self.loss, "magnitude_objective":
+                self.magnitude_objective, "magnitude_loss": self.magnitude_loss, "start_objective":
+                self.start_objective, "swaps": self.swaps, "magnitude_fallback": self.fallback}
 
 
 def cbs_select(fisher: EmpiricalFisher, w: torch.Tensor, units: list, counts: list, *, trials: int = 5,
                chunks: int = 10, epsilon: float = 1e-4, window: int = 100, max_swaps: int = 1000,
-               max_misses: int = 5, loss_fn=None, eval_every: int = 50, fixed: torch.Tensor | None = None,
+               max_misses: int = 5, loss_fn=None, eval_every: int = 1, fixed: torch.Tensor | None = None,
                progress: bool = False) -> CBSResult:
     """CBS-S: choose the pruned set P (``counts[u]`` weights in each unit ``units[u] = (start, stop)``) minimising
     ``Obj(P) = w_Pᵀ F_PP w_P``.
@@ -480,7 +501,10 @@ def cbs_select(fisher: EmpiricalFisher, w: torch.Tensor, units: list, counts: li
        are refreshed after each swap (``Fw_P`` is updated with two columns of F). When a window holds no improving
        swap the next window of β is tried; after ``max_misses`` windows without one (or ``max_swaps`` swaps) the
        search stops.
-    3. Every ``eval_every`` swaps and at the end the training loss is taken; the mask with the lowest loss is kept.
+    3. After every ``eval_every`` swaps (default 1: after every outer iteration, as the reference code does) and at
+       the end the training loss is taken; the mask with the lowest loss is kept (ties: the lower Obj).
+    4. Never worse than magnitude: if the kept mask has both a higher Obj and a higher loss than the magnitude
+       start (trial 0), the magnitude start is returned (``fallback``).
 
     ``fixed``: weights that must stay pruned. Returns a :class:`CBSResult`; its Obj never exceeds the start's.
 
@@ -558,18 +582,24 @@ def cbs_select(fisher: EmpiricalFisher, w: torch.Tensor, units: list, counts: li
             history.append(obj)
             if eval_every and swaps % eval_every == 0:
                 loss = judge(pruned)
-                if loss < best[0]:
+                if (loss, obj) < best[:1] + best[2:]:
                     best = (loss, pruned.clone(), obj)
     finally:
         bar.close()
     final = judge(pruned)
-    if final <= best[0]:
+    if (final, obj) <= best[:1] + best[2:]:
         best = (final, pruned.clone(), obj)
     loss, chosen, _ = best
     # recompute Obj exactly for the kept mask (the running sum accumulates rounding)
-    return CBSResult(pruned=chosen, start_objective=start_obj, objective=cbs_objective(fisher, w, chosen),
+    objective = cbs_objective(fisher, w, chosen)
+    mag_obj, mag_loss = cbs_objective(fisher, w, starts[0]), start_losses[0]
+    fallback = objective > mag_obj and loss > mag_loss
+    if fallback:
+        chosen, objective, loss = starts[0].clone(), mag_obj, mag_loss
+    return CBSResult(pruned=chosen, start_objective=start_obj, objective=objective,
                      swaps=swaps, loss=loss if loss_fn is not None else None, start_losses=start_losses,
-                     history=history)
+                     history=history, magnitude_objective=mag_obj,
+                     magnitude_loss=mag_loss if loss_fn is not None else None, fallback=fallback)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,9 +657,16 @@ def _capture_hessians(model: nn.Module, weights: dict, owners: dict, x: torch.Te
         for n, mod in owners.items():
             handles.append(mod.register_forward_pre_hook(make_hook(n, mod)))
         model.eval()
+        x = match_input_dtype(x, list(weights.values()))  # float32 data, half-precision model: cast
         with torch.no_grad():
             for a in range(0, x.shape[0], batch_size):
-                functional_call(model, params, (x[a:a + batch_size].to(next(iter(weights.values())).device),))
+                xb = x[a:a + batch_size].to(next(iter(weights.values())).device)
+                try:
+                    functional_call(model, params, (xb,))
+                except RuntimeError as exc:
+                    if a or isinstance(exc, torch.cuda.OutOfMemoryError):
+                        raise
+                    raise input_error(exc, x, what="data") from exc
     finally:
         for h in handles:
             h.remove()
@@ -657,6 +694,8 @@ def layer_inputs_hessian(model: nn.Module, weights: dict, names: list, x: torch.
     ...       ["0.weight"].shape)
     (3, 3)
     """
+    if x.shape[0] == 0:
+        raise ValueError("x is empty (N = 0): layer Hessians need at least one calibration sample.")
     return _capture_hessians(model, weights, _hessian_owners(model, names), x, batch_size)
 
 
@@ -684,6 +723,8 @@ class LayerHessians:
 
     def __init__(self, model: nn.Module, weights: dict, names: list, x: torch.Tensor, *, batch_size: int = 256,
                  max_bytes: int | None = None):
+        if x.shape[0] == 0:
+            raise ValueError("x is empty (N = 0): layer Hessians need at least one calibration sample.")
         self.model, self.weights, self.names, self.x = model, weights, list(names), x
         self.batch_size = int(batch_size)
         if max_bytes is not None:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .graph import PRUNABLE_TYPES, build_graph
-from .validation import check_choice, round_half_up
+from .validation import check_choice, check_labels, input_error, match_input_dtype, round_half_up
 
 __all__ = [
     "snip_scores", "grasp_scores", "synflow_scores", "synflow_masks", "synflow_schedule",
@@ -87,6 +87,13 @@ def _check_batch(inputs, targets):
     if inputs.dim() < 2 or targets.dim() != 1 or targets.shape[0] != inputs.shape[0]:
         raise ValueError(f"inputs must be (N, ...) and targets (N,) with the same N, got {tuple(inputs.shape)} and "
                          f"{tuple(targets.shape)}.")
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs and targets are empty (N = 0): scoring needs at least one sample; all-zero "
+                         "gradients would rank every weight alike.")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be floating point, got dtype {inputs.dtype}.")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer class labels, got dtype {targets.dtype}.")
 
 
 def _loss_and_leaves(model, inputs, targets, weights, names, temperature=1.0, seed=0):
@@ -96,9 +103,17 @@ def _loss_and_leaves(model, inputs, targets, weights, names, temperature=1.0, se
     for n in names:
         state[n] = state[n].requires_grad_(True)
         leaves.append(state[n])
+    # float32 data for a half-precision model: the inputs are cast to the model's precision
+    x = match_input_dtype(inputs.to(dev), [state[n] for n in names])
     with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from a fixed stream; the caller's RNG is kept
         torch.manual_seed(int(seed))
-        out = functional_call(model, state, (inputs.to(dev),))
+        try:
+            out = functional_call(model, state, (x,))
+        except RuntimeError as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            raise input_error(exc, x, what="data") from exc
+    check_labels(targets, out, what="data")
     loss = F.cross_entropy(out / temperature, targets.to(dev).long())
     return loss, leaves
 
@@ -203,7 +218,15 @@ def _synflow_pass(model, state, names, masks, input_shape, dtype):
         leaves.append(w)
     x = torch.ones((1, *input_shape), dtype=dtype, device=leaves[0].device if leaves else None)
     with _EvalMode(model):
-        r = functional_call(model, state, (x,)).sum()
+        try:
+            r = functional_call(model, state, (x,)).sum()
+        except RuntimeError as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            raise ValueError(f"input_shape {tuple(input_shape)} does not fit the model: it could not run on an input "
+                             f"of shape {tuple(x.shape)}. input_shape is the shape of one sample without the batch "
+                             f"dimension, e.g. (3, 224, 224) for an ImageNet model, (1, 28, 28) for MNIST. "
+                             f"({exc})") from exc
     grads = torch.autograd.grad(r, leaves, allow_unused=True)
     scores = {n: (w.detach() * (g if g is not None else torch.zeros_like(w))).abs()
               for n, w, g in zip(names, leaves, grads)}

@@ -310,28 +310,16 @@ def _flat_scores(s: torch.Tensor, score_dtype) -> torch.Tensor:
 
 
 def _sort_cpu(box: list):
-    """Stable argsort of the int32 keys in ``box`` (a one-element list, emptied) on the CPU as an in-place sort of
-    unique int64 ``key << 32 | index`` (numpy's vectorised sort: about 3× torch's stable sort, and no int64 index
-    array). Returns ``(order int32 tensor, SortedKeys)``."""
+    """Stable argsort of the int32 keys in ``box`` (a one-element list, emptied) on the CPU: ``torch.sort(stable)``
+    of the int32 keys (a radix sort of integer keys: at one thread 24 ns per key for 2.4 M keys and 42 ns for 102 M,
+    where numpy's comparison sort of ``key << 32 | index`` took 67 and 104 ns). The int64 indices it returns live
+    only until they are narrowed to the int32 order. Returns ``(order int32 tensor, SortedKeys)``."""
     keys = box.pop()
-    n = keys.numel()
-    comp = np.empty(n, dtype=np.int64)
-    if _LITTLE:  # written as int32 halves: the key in the upper, the index in the lower
-        halves = comp.view(np.int32).reshape(n, 2)
-        halves[:, 1] = keys.numpy()
-        del keys
-        for a in range(0, n, _CHUNK):
-            halves[a:a + _CHUNK, 0] = np.arange(a, min(a + _CHUNK, n), dtype=np.int32)
-    else:
-        comp[:] = keys.numpy()
-        del keys
-        comp <<= 32
-        for a in range(0, n, _CHUNK):
-            comp[a:a + _CHUNK] |= np.arange(a, min(a + _CHUNK, n), dtype=np.int64)
-    comp.sort()  # unique values: the order of a stable sort of the keys
-    order = torch.from_numpy(np.ascontiguousarray(comp.view(np.int32)[0::2]) if _LITTLE else
-                             (comp & 0xFFFFFFFF).astype(np.int32))
-    return order, SortedKeys(composite=comp)
+    sorted_keys, idx = torch.sort(keys, stable=True)
+    del keys
+    order = idx.to(torch.int32)
+    del idx
+    return order, SortedKeys(sorted_keys.numpy())
 
 
 def _sort_torch(box: list):
@@ -437,7 +425,7 @@ class Ranking:
         never both held whole.
 
         Layer after layer, the temporaries (keys, the sort's output, pieces of ``w²``) are freed before the next.
-        On the CPU the sort is numpy's in-place sort of ``key << 32 | index``, elsewhere ``torch.sort(stable)``.
+        The sort is ``torch.sort(stable=True)`` of the int32 keys where they live.
         """
         layers, totals = {}, []
         for name in names:

@@ -58,3 +58,62 @@ def round_half_up(x: float) -> int:
     (3, 2)
     """
     return int(math.floor(x + 0.5))
+
+
+def check_int(value, *, what: str, low: int | None = None) -> int:
+    """Return ``value`` as an int after checking it is an integer (not a bool; a float with an integral value is
+    accepted) at least ``low``; ``TypeError`` / ``ValueError`` naming ``what`` otherwise.
+
+    >>> check_int(3, what="seed"), check_int(2.0, what="rounds", low=1)
+    (3, 2)
+    """
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and (
+        isinstance(value, numbers.Integral) or (math.isfinite(float(value)) and float(value).is_integer()))
+    if not ok:
+        try:  # numpy integers and 0-d integer tensors are welcome
+            import torch
+
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
+                    and value.dtype != torch.bool:
+                return check_int(int(value.item()), what=what, low=low)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"{what} must be an int, got {value!r} of type {type(value).__name__}.")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {value!r}.")
+    return value
+
+
+def floating_dtype(tensors):
+    """The one floating dtype of ``tensors`` (an iterable of tensors), or ``None`` when they have none or several."""
+    kinds = {t.dtype for t in tensors if t.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def match_input_dtype(x, tensors):
+    """Floating inputs ``x`` cast to the one floating dtype of a model's ``tensors`` (its parameters) when they
+    differ: float32 data for a half-precision or bfloat16 model runs in the model's precision. Other inputs (ints,
+    token ids; models of mixed precision) are returned unchanged."""
+    if not x.is_floating_point():
+        return x
+    dtype = floating_dtype(tensors)
+    return x if dtype is None or dtype == x.dtype else x.to(dtype)
+
+
+def input_error(exc: BaseException, x, *, what: str) -> ValueError:
+    """A ``ValueError`` for a model that could not run on ``x``: names the inputs' shape and dtype and keeps torch's
+    own explanation."""
+    return ValueError(f"{what}: the model could not run on inputs of shape {tuple(x.shape)} (one sample: "
+                      f"{tuple(x.shape[1:])}) and dtype {x.dtype}; do the data and the model match? ({exc})")
+
+
+def check_labels(y, out, *, what: str) -> None:
+    """``ValueError`` unless the class labels ``y`` index the model's outputs ``out: (N, C)`` (``0 <= y < C``)."""
+    if out.dim() < 2 or y.numel() == 0:
+        return
+    n_out = int(out.shape[1])
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_out:
+        raise ValueError(f"{what}: labels must be class indices in [0, {n_out}) for a model with {n_out} outputs; "
+                         f"got labels from {lo} to {hi}. Do the data and the model match?")

@@ -161,6 +161,8 @@ def calibration_batch(data, n: int = 256, *, split: str = "train", seed: int = 0
     dataset = resolve_dataset(data, split=split)
     if isinstance(dataset, DataLoader):
         dataset = dataset.dataset
+        if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError("data is empty (0 samples): the DataLoader's dataset has no samples")
     if isinstance(dataset, IterableDataset):
         xs, ys, have = [], [], 0
         for x, y in DataLoader(dataset, batch_size=n):
@@ -169,8 +171,8 @@ def calibration_batch(data, n: int = 256, *, split: str = "train", seed: int = 0
             have += x.shape[0]
             if have >= n:
                 break
-        if not xs:
-            raise ValueError("data is empty (the iterable dataset yielded nothing)")
+        if not xs or have == 0:
+            raise ValueError("data is empty (0 samples: the iterable dataset yielded nothing)")
         return torch.cat(xs)[:n], torch.cat(ys)[:n]
     g = torch.Generator().manual_seed(int(seed))
     indices = torch.randperm(len(dataset), generator=g)[:n]

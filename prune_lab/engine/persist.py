@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.ranking import BLOCK, LayerRank, Ranking, SortedKeys
 from ..methods.registry import get_method, list_methods
-from .result import plain, read_payload
+from .result import plain, read_payload, require_keys
 
 FORMAT = "prune_lab.SessionCache"
 FORMAT_VERSION = 2
@@ -88,6 +88,13 @@ def load_cache(session, path) -> int:
     """
     payload = read_payload(path, FORMAT, FORMAT_VERSION, what="a saved session cache",
                            how="save_cache(session, path)")
+    require_keys(payload, ("entries",), path, what="saved session cache")
+    entry_keys = ("method", "hyperparameters", "seed", "start_key", "fingerprint", "names", "layers")
+    for e in payload["entries"]:
+        if not isinstance(e, dict) or any(k not in e for k in entry_keys):
+            lacks = [k for k in entry_keys if not isinstance(e, dict) or k not in e]
+            raise ValueError(f"{os.fspath(path)!r} is not a complete saved session cache: an entry lacks "
+                             f"{', '.join(map(repr, lacks))}. The file is damaged or incomplete; write it again.")
     state = session._snapshot()
     fingerprint = state.fingerprint
     device = session.device

@@ -25,11 +25,28 @@ def read_payload(path, fmt: str, version: int, *, what: str, how: str) -> dict:
         raise ValueError(f"{path!r} is not {what} (could not read it: {type(exc).__name__}: {exc}).") from exc
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{path!r} is not {what} (no {fmt!r} header); write one with {how}.")
-    if payload.get("format_version", 0) > version:
+    got = payload.get("format_version", 0)
+    if isinstance(got, bool) or not isinstance(got, int) or got < 0:
+        raise ValueError(f"{path!r} is not {what}: its format_version is {got!r} ({type(got).__name__}), not a "
+                         f"non-negative int; the file is damaged or was not written by prune_lab ({how}).")
+    if got > version:
         raise ValueError(f"{path!r} was written by prune_lab {payload.get('library_version')} in format "
                          f"{payload['format_version']}; this prune_lab reads format {version} and older. "
                          f"Upgrade prune_lab.")
     return payload
+
+
+def require_keys(payload: dict, keys, path, *, what: str) -> None:
+    """``ValueError`` naming the entries a prune_lab file lacks (a damaged or hand-edited file), instead of a bare
+    ``KeyError`` later."""
+    missing = [k for k in keys if k not in payload]
+    if missing:
+        raise ValueError(f"{os.fspath(path)!r} is not a complete {what}: it lacks {', '.join(map(repr, missing))}. "
+                         f"The file is damaged or incomplete; write it again.")
+
+
+_RESULT_KEYS = ("method", "allocation", "target_sparsity", "hyperparameters", "seed", "layers", "numel", "pruned",
+                "frobenius", "weight_norms", "model_fingerprint", "mask_shapes", "masks", "weights")
 
 
 def plain(value):
@@ -60,7 +77,9 @@ class PruneResult:
     ``weights``: ``{name: Tensor}`` of updated kept weights for methods that update them, else ``None``;
     ``layer_sparsity``: ``{name: float}``; ``sparsity``: achieved over the prunable set; ``frobenius``:
     ``{name: ‖W − M⊙W‖_F}``; ``target_sparsity``: what was asked for; ``model_fingerprint``: the content hash
-    of the model's weights it was computed on (:attr:`PruneSession.fingerprint`).
+    of the model's weights it was computed on (:attr:`PruneSession.fingerprint`); ``empty_layers``: the layers
+    that lose every weight; ``info``: what the method reports about its mask (CBS: ``cbs_objective`` and
+    ``cbs_loss`` of the kept mask beside ``magnitude_objective`` and ``magnitude_loss`` of the magnitude start).
 
     :meth:`save` / :meth:`load` keep it on disk (masks packed as bits); :meth:`check_model` tells whether a model
     is the one it was computed on.
@@ -83,6 +102,7 @@ class PruneResult:
     weight_norms: dict
     model_fingerprint: str = ""
     weights: dict | None = None
+    info: dict = field(default_factory=dict)  # what the method reports about this mask (plain numbers)
     library_version: str | None = field(default=None, repr=False)  # set on results read by load()
     _mask_builder: Callable | None = field(default=None, repr=False)
     _masks: dict | None = field(default=None, repr=False)
@@ -107,6 +127,12 @@ class PruneResult:
     def sparsity(self) -> float:
         total = sum(self.numel)
         return sum(self.pruned) / total if total else 0.0
+
+    @property
+    def empty_layers(self) -> tuple:
+        """Names of the layers that lose every weight (the network is cut there); the engine warns when there are
+        any. ``()`` when none."""
+        return tuple(n for n, p, t in zip(self.layers, self.pruned, self.numel) if t and p >= t)
 
     @property
     def density(self) -> float:
@@ -160,7 +186,7 @@ class PruneResult:
             "hyperparameters": plain(dict(self.hyperparameters)), "seed": plain(self.seed), "layers": list(self.layers),
             "numel": plain(list(self.numel)), "pruned": plain(list(self.pruned)),
             "frobenius": plain(dict(self.frobenius)), "weight_norms": plain(dict(self.weight_norms)), "model_fingerprint": self.model_fingerprint,
-            "mask_shapes": shapes, "masks": packed,
+            "mask_shapes": shapes, "masks": packed, "info": plain(dict(self.info)),
             "weights": None if self.weights is None else {n: w.detach().cpu() for n, w in self.weights.items()},
         }
         torch.save(payload, os.fspath(path))
@@ -179,6 +205,11 @@ class PruneResult:
         """
         payload = read_payload(path, FORMAT, FORMAT_VERSION, what="a saved PruneResult",
                                how="result.save(path)")
+        require_keys(payload, _RESULT_KEYS, path, what="saved PruneResult")
+        missing = [n for n in payload["layers"] if n not in payload["mask_shapes"] or n not in payload["masks"]]
+        if missing:
+            raise ValueError(f"{os.fspath(path)!r} is not a complete saved PruneResult: no mask for layer "
+                             f"{missing[0]!r}. The file is damaged or incomplete; write it again.")
         masks = {}
         for n in payload["layers"]:
             shape = tuple(payload["mask_shapes"][n])
@@ -193,7 +224,8 @@ class PruneResult:
                   seed=payload["seed"], layers=tuple(payload["layers"]), numel=tuple(payload["numel"]),
                   pruned=tuple(payload["pruned"]), frobenius=payload["frobenius"],
                   weight_norms=payload["weight_norms"], model_fingerprint=payload["model_fingerprint"],
-                  weights=weights, library_version=payload.get("library_version"), _masks=masks)
+                  weights=weights, info=dict(payload.get("info") or {}),
+                  library_version=payload.get("library_version"), _masks=masks)
         if model is not None:
             res.check_model(model)
         return res

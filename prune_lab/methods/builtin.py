@@ -44,6 +44,7 @@ register_method(MethodSpec(
     description="|w| with one threshold across all layers."))
 register_method(MethodSpec(
     "lamp", "LAMP", LAMP_REF, _lamp, "global", order_of="magnitude", sorted_values=_lamp_sorted,
+    keeps_every_layer=True,
     description="w_u² / Σ_{v≥u} w_v² within each layer, one global threshold."))
 register_method(MethodSpec(
     "lap", "LAP", LAP_REF, _lap, "uniform", needs=frozenset({"graph"}),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import pai as P
-from ..data import calibration_batch
+from ._data import method_batch
 from .registry import MethodSpec, hparam, register_method
 
 SNIP_REF = "Lee, Ajanthan, Torr: SNIP, ICLR 2019 (arXiv 1810.02340); SBP in Hayou et al., ICLR 2021 (arXiv 2002.08797)"
@@ -20,19 +20,16 @@ SYNFLOW_REF = "Tanaka, Kunin, Yamins, Ganguli: Pruning neural networks without a
               "synaptic flow, NeurIPS 2020 (arXiv 2006.05467)"
 
 
-def data_batch(data, samples: int) -> tuple:
+def data_batch(data, samples: int, *, method: str | None = None) -> tuple:
     """``(inputs: (N, ...), targets: (N,))`` from ``data``: an ``(inputs, targets)`` pair is used as given; a bundle,
-    dataset or ``DataLoader`` gives a deterministic sample of ``samples`` training examples.
+    dataset or ``DataLoader`` gives a deterministic sample of ``samples`` training examples. Empty data raises a
+    ``ValueError`` naming ``method``.
 
     >>> x, y = data_batch((torch.zeros(3, 4), torch.tensor([0, 1, 1])), 256)
     >>> x.shape
     torch.Size([3, 4])
     """
-    if data is None:
-        raise ValueError("this method needs data (a batch, a DataLoader or a prune_lab dataset); pass data=... .")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    return calibration_batch(data, n=samples, split="train", seed=0)
+    return method_batch(data, samples, method=method)
 
 
 def _model_inputs(ctx):
@@ -65,13 +62,13 @@ class SynflowHP:
 
 
 def _snip(ctx, hp):
-    x, y = data_batch(ctx.data, hp.samples)
+    x, y = data_batch(ctx.data, hp.samples, method="snip")
     scores = P.snip_scores(ctx.model, x, y, weights=_model_inputs(ctx), names=ctx.prunable)
     return {n: s.to(ctx.weights[n].device) for n, s in scores.items()}
 
 
 def _grasp(ctx, hp):
-    x, y = data_batch(ctx.data, hp.samples)
+    x, y = data_batch(ctx.data, hp.samples, method="grasp")
     scores = P.grasp_scores(ctx.model, x, y, weights=_model_inputs(ctx), names=ctx.prunable,
                             temperature=hp.temperature)
     return {n: s.to(ctx.weights[n].device) for n, s in scores.items()}
@@ -81,7 +78,7 @@ def _input_shape(ctx, hp) -> tuple:
     if hp.input_shape is not None:
         return tuple(int(d) for d in hp.input_shape)
     if ctx.data is not None:
-        x, _ = data_batch(ctx.data, 1)
+        x, _ = data_batch(ctx.data, 1, method="synflow")
         return tuple(x.shape[1:])
     raise ValueError("method 'synflow' needs the shape of one input: pass data=... or the hyperparameter "
                      "input_shape=(C, H, W) (e.g. input_shape=(1, 28, 28)).")

@@ -3,13 +3,15 @@ contract tests. No ``if method == ...`` chains anywhere else."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..core.graph import LayerGraph
-from ..core.validation import check_choice
+from ..core.validation import check_choice, check_int
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ScoreContext:
     fingerprint: str = ""
     cache: dict = field(default_factory=dict)
     allocation: str | None = None  # the allocation in force (sparsity-dependent methods may prune globally)
+    info: dict = field(default_factory=dict)  # what a masks function reports about its masks (-> result.info)
 
 
 def hparam(default, *, low=None, high=None, choices=None, log=False, help=""):
@@ -74,6 +77,7 @@ class MethodSpec:
     order_of: str | None = None
     sorted_values: Callable | None = None
     description: str = ""
+    keeps_every_layer: bool = False  # every layer's best weight has the top score (LAMP): never emptied globally
 
     def make_hyperparameters(self, **hp):
         """Validate keyword hyperparameters against the method's declared ones; returns the dataclass instance."""
@@ -83,8 +87,10 @@ class MethodSpec:
             valid = ", ".join(fields) if fields else "none"
             raise TypeError(f"method {self.name!r} got unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
                             f"its hyperparameters are: {valid}.")
+        hp = dict(hp)
         for k, v in hp.items():
             meta = fields[k].metadata
+            hp[k] = v = self._check_number(k, v, fields[k].default, meta)
             if meta.get("choices") is not None and v not in meta["choices"]:
                 raise ValueError(f"hyperparameter {k!r} of method {self.name!r} must be one of {meta['choices']}, "
                                  f"got {v!r}.")
@@ -92,6 +98,26 @@ class MethodSpec:
             if (low is not None and v < low) or (high is not None and v > high):
                 raise ValueError(f"hyperparameter {k!r} of method {self.name!r} must be in [{low}, {high}], got {v!r}.")
         return self.hyperparameters(**hp)
+
+    def _check_number(self, name, value, default, meta):
+        """A hyperparameter declared with a numeric range must be a number (an int where the default is an int):
+        ``TypeError`` naming it, the method and the range otherwise (strings would fail later, in comparisons)."""
+        low, high = meta.get("low"), meta.get("high")
+        if low is None and high is None:
+            return value
+        span = f"[{low}, {high}]"
+        if isinstance(default, numbers.Integral) and not isinstance(default, bool):
+            try:
+                return check_int(value, what=f"hyperparameter {name!r} of method {self.name!r}")
+            except TypeError:
+                raise TypeError(f"hyperparameter {name!r} of method {self.name!r} must be an int in {span}, got "
+                                f"{value!r} of type {type(value).__name__}.") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"hyperparameter {name!r} of method {self.name!r} must be a number in {span}, got "
+                            f"{value!r} of type {type(value).__name__}.")
+        if math.isnan(float(value)):
+            raise ValueError(f"hyperparameter {name!r} of method {self.name!r} must be in {span}, got {value!r}.")
+        return float(value) if isinstance(default, float) else value
 
     def hyperparameter_fields(self) -> list:
         """``[(name, default, metadata)]`` of the declared hyperparameters."""

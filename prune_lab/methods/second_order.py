@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..core import obs as O
-from ..data import calibration_batch, data_identity
+from ..core.validation import match_input_dtype
+from ..data import data_identity
+from ._data import method_batch
 from .registry import MethodSpec, hparam, register_method, register_updater
 
 CBS_REF = "Yu, Serra, Ramalingam, Zhe: The Combinatorial Brain Surgeon, ICML 2022 (arXiv 2203.04466)"
@@ -68,8 +70,10 @@ class CBSHyperparameters:
     max_swaps: int = hparam(1000, low=0, high=10**7, help="Iteration cap of the swap search.")
     max_misses: int = hparam(5, low=1, high=1000,
                              help="Windows of β tried without an improving swap before the search stops.")
-    eval_every: int = hparam(50, low=0, high=10**7,
-                             help="Take the training loss every this many swaps; the lowest-loss mask is kept.")
+    eval_every: int = hparam(1, low=0, high=10**7,
+                             help="Take the training loss after every this many swaps (1: after every outer "
+                                  "iteration, as the reference does; 0: at the end only); the lowest-loss mask is "
+                                  "kept.")
     scope: str = hparam("layer", choices=("layer", "global"),
                         help="'layer': swaps stay inside a layer (the allocation's per-layer counts are exact); "
                              "'global': swaps may move weights between layers (the paper's setting; only the total "
@@ -99,11 +103,15 @@ def _masks_key(ctx) -> str:
     return h.hexdigest()
 
 
-def _data_id(ctx) -> str:
+def _data_id(ctx, method: str | None = None) -> str:
     key = ("second_order.data_identity", id(ctx.data))
     hit = ctx.cache.get(key)
     if hit is None or hit[0] is not ctx.data:
-        hit = (ctx.data, data_identity(ctx.data))
+        try:  # the data's first reading: bad data (empty, wrong types) is named with the method asking for it
+            ident = data_identity(ctx.data)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"method {method!r}: {exc}" if method else str(exc)) from exc
+        hit = (ctx.data, ident)
         ctx.cache[key] = hit
     return hit[1]
 
@@ -131,11 +139,23 @@ def _unflatten(ctx, flat: torch.Tensor, dtype=None) -> dict:
     return out
 
 
-def _batch(ctx, n):
-    key = ("second_order.batch", _data_id(ctx), int(n), ctx.seed)
+_METHOD_OF = {"WoodFisherHyperparameters": "woodfisher", "CBSHyperparameters": "cbs",
+              "LayerwiseOBSHyperparameters": "obs_layerwise"}
+
+
+def _method(hp) -> str:
+    return _METHOD_OF.get(type(hp).__name__, "second-order")
+
+
+def _batch(ctx, n, method="second-order"):
+    if ctx.data is None:
+        method_batch(None, n, method=method)  # raises: names the method
+    key = ("second_order.batch", _data_id(ctx, method), int(n), ctx.seed)
     hit = ctx.cache.get(key)
     if hit is None:
-        x, y = calibration_batch(ctx.data, n=int(n), split="train", seed=ctx.seed)
+        x, y = method_batch(ctx.data, n, method=method, seed=ctx.seed, whole_pair=False)
+        # float32 data for a half-precision model: the inputs are cast to the model's precision
+        x = match_input_dtype(x, [ctx.weights[k] for k in ctx.prunable])
         hit = (x.to(ctx.device), y.to(ctx.device))
         ctx.cache[key] = hit
     return hit
@@ -144,11 +164,11 @@ def _batch(ctx, n):
 def _fisher(ctx, hp) -> O.EmpiricalFisher:
     """The cached empirical Fisher for ``hp`` (per-sample gradients shared across damping / blocks)."""
     _require_data(ctx, "the empirical Fisher")
-    base = (_data_id(ctx), int(hp.n_samples), ctx.seed, _masks_key(ctx), tuple(ctx.prunable))
+    base = (_data_id(ctx, _method(hp)), int(hp.n_samples), ctx.seed, _masks_key(ctx), tuple(ctx.prunable))
     gkey = ("second_order.grads",) + base
     grads = ctx.cache.get(gkey)
     if grads is None:
-        x, y = _batch(ctx, hp.n_samples)
+        x, y = _batch(ctx, hp.n_samples, _method(hp))
         grads = O.per_sample_gradients(ctx.model, ctx.weights, ctx.prunable, x, y, chunk_size=hp.grad_chunk,
                                        progress=True)
         ctx.cache[gkey] = grads
@@ -225,7 +245,7 @@ def _magnitude_scores_select(ctx, hp):  # its own function: the session keys its
 
 
 def _loss_fn(ctx, hp, w_flat):
-    x, y = _batch(ctx, hp.n_samples)
+    x, y = _batch(ctx, hp.n_samples, _method(hp))
     fixed = {k: v.detach() for k, v in ctx.model.named_parameters()}
     fixed.update({k: v.detach() for k, v in ctx.model.named_buffers()})
     fixed.update({k: v.detach() for k, v in ctx.weights.items()})
@@ -264,6 +284,7 @@ def _cbs_pruned(ctx, counts, hp) -> tuple:
                        window=hp.window, max_swaps=hp.max_swaps, max_misses=hp.max_misses,
                        loss_fn=_loss_fn(ctx, hp, w), eval_every=hp.eval_every, fixed=_fixed(ctx), progress=True)
     ctx.cache[("second_order.last_cbs", ctx.seed)] = res
+    ctx.info.update(res.info())  # the result's info: the kept mask's objective and loss beside magnitude's
     return fisher, w, res.pruned
 
 
@@ -298,11 +319,11 @@ def _hessians(ctx, hp) -> O.LayerHessians:
     """The layer Hessians, computed on demand and kept within ``O.LayerHessians.max_bytes`` (beyond it, one layer
     at a time: the callers below use one layer's Hessian and drop it before asking for the next)."""
     _require_data(ctx, "layerwise OBS")
-    key = ("second_order.layer_hessians", _data_id(ctx), int(hp.n_samples), ctx.seed, _masks_key(ctx),
+    key = ("second_order.layer_hessians", _data_id(ctx, "obs_layerwise"), int(hp.n_samples), ctx.seed, _masks_key(ctx),
            tuple(ctx.prunable))
     hit = ctx.cache.get(key)
     if hit is None:
-        x, _ = _batch(ctx, hp.n_samples)
+        x, _ = _batch(ctx, hp.n_samples, "obs_layerwise")
         hit = O.LayerHessians(ctx.model, ctx.weights, ctx.prunable, x)
         ctx.cache[key] = hit
     return hit

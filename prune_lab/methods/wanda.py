@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core.graph import input_channel_index
-from ..data import as_tokens, calibration_batch
+from ..core.graph import input_channel_index, stored_weight
+from ..core.validation import input_error, match_input_dtype
+from ..data import as_tokens
 from ..models.hf import forward_kwargs, vocab_size
+from ._data import method_batch
 from .registry import MethodSpec, hparam, register_method
 from .second_order import _data_id, _masks_key
 
@@ -94,8 +96,8 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
         canonical.setdefault(id(p), pname)
     owners: dict = {}
     for mname, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(w, nn.Parameter):
+        w = stored_weight(m) if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None  # no .weight:
+        if w is not None:  # a parametrization (spectral norm in train mode) would change the model's buffers
             owners.setdefault(canonical.get(id(w)), []).append(m)
     names = [k for k in owners if k is not None] if names is None else list(names)
     for name in names:
@@ -105,7 +107,7 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
             if isinstance(m, nn.Conv3d):
                 _conv_sq(m, None)  # raises the explanation
     tokens = as_tokens(data, split="train")
-    x, aux = calibration_batch(data, n=int(n), split="train", seed=seed)
+    x, aux = method_batch(data, n, method="wanda", seed=seed, whole_pair=False)
     if tokens is not None:
         tokens.check_vocab(vocab_size(model))
         chunk = tokens.batch_size
@@ -113,6 +115,8 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
         if not x.is_floating_point():
             raise TypeError(f"data: inputs must be floating point, got dtype {x.dtype}; token ids of a language "
                             f"model: wrap them with prune_lab.data.tokens(ids).")
+        # float32 data for a half-precision model: the inputs are cast to the model's precision
+        x = match_input_dtype(x, [p for p in model.parameters()])
         chunk = _IMAGE_CHUNK
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     overrides = {k: v.detach().to(dev) for k, v in (weights or {}).items()}
@@ -138,7 +142,12 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
                 if tokens is not None:
                     current["mask"] = aux[a:a + chunk].to(dev)
                     kw = forward_kwargs(model, current["mask"])
-                functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
+                try:
+                    functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
+                except RuntimeError as exc:
+                    if a or tokens is not None or isinstance(exc, torch.cuda.OutOfMemoryError):
+                        raise
+                    raise input_error(exc, x, what="data") from exc
     finally:
         for h in handles:
             h.remove()
@@ -157,7 +166,7 @@ def _norms(ctx, hp) -> dict:
         raise ValueError("wanda needs calibration data (prune_lab.data.tokens(ids) for a language model, or a "
                          "batch / DataLoader / prune_lab dataset) and the model; pass data=... to the session or to "
                          "prune().")
-    key = ("wanda.norms", _data_id(ctx), int(hp.n_calibration), _masks_key(ctx), tuple(ctx.prunable))
+    key = ("wanda.norms", _data_id(ctx, "wanda"), int(hp.n_calibration), _masks_key(ctx), tuple(ctx.prunable))
     hit = ctx.cache.get(key)
     if hit is None:
         weights = ctx.weights if ctx.start_masks is not None else None  # the already-pruned model's activations

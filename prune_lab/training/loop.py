@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.device import resolve_device
+from ..core.validation import floating_dtype
 from ..data import as_tokens, iter_batches, resolve_dataset
 from ..models.hf import forward_kwargs, output_logits, vocab_size
 
@@ -363,9 +364,18 @@ def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto",
     try:
         model.eval()
         with torch.no_grad():
+            dtype = floating_dtype(model.parameters())
             for x, y in iter_batches(data, split="test", batch_size=batch_size):
+                # labels checked where they are (on the host: no device synchronisation), before the loss
+                lo, hi = (int(y.min()), int(y.max())) if y.numel() else (0, 0)
                 x, y = x.to(dev), y.to(dev)
+                if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+                    x = x.to(dtype)  # float32 data, half-precision model: evaluated in the model's precision
                 out = _run(model, overrides, x, first=n == 0)
+                if out.dim() == 2 and (lo < 0 or hi >= out.shape[1]):
+                    raise ValueError(f"data: labels must be class indices in [0, {out.shape[1]}) for a model with "
+                                     f"{out.shape[1]} outputs; got labels from {lo} to {hi}. Do the data and the "
+                                     f"model match?")
                 loss_sum += F.cross_entropy(out, y, reduction="sum").double()
                 correct += (out.argmax(dim=1) == y).sum()
                 n += int(y.shape[0])

@@ -126,7 +126,9 @@ def test_clear_cache_takes_a_new_fingerprint():
 
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["lamp", "lap", "magnitude", "random", "lap_backward"]),
-                          st.sampled_from([0.0, 0.2, 0.5, 0.77, 0.9, 0.99]),
+                          # 0.97, not 0.99: round(0.99·n) = n in each of these small layers, and a budget of every
+                          # weight (sparsity 1.0) is refused (tests/test_bad_input.py)
+                          st.sampled_from([0.0, 0.2, 0.5, 0.77, 0.9, 0.97]),
                           st.sampled_from([None, "global", "erk"])), min_size=2, max_size=8))
 def test_slider_moves_in_any_order_give_identical_results(moves):
     torch.manual_seed(0)
