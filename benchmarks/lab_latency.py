@@ -36,7 +36,7 @@ import prune_lab as pl
 from prune_lab.widgets import PruneLab
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEBOUNCE_S = 0.3
+DEBOUNCE_S = 0.2
 
 
 def _torchvision(name):
@@ -112,6 +112,40 @@ def run_case(name: str, n_moves: int) -> dict:
             "debounce_s": DEBOUNCE_S}
 
 
+def lookahead_paths(n_points: int = 6) -> dict:
+    """ResNet-50, magnitude/LAMP/LAP at a few resting points: the lookahead distortion of every layer computed
+    directly (three-layer products per layer, as before this cache) vs from the cached factors and references."""
+    from prune_lab.core.distortion import lookahead_distortion
+    from prune_lab.core.graph import bn_scales
+
+    model, _ = _torchvision("resnet50")
+    session = pl.PruneSession(model)
+    points = moves(n_points, seed=1)
+    results = {(m, s): session.prune(m, s) for m in ("magnitude", "lamp", "lap") for s in points}
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in session.graph.layers}
+    modules = dict(model.named_modules())
+    scales = bn_scales(model, {b: modules[b] for b in session.graph.bn_modules})
+    t = time.perf_counter()
+    direct = {}
+    for (m, s), r in list(results.items())[:3]:  # the direct path is slow: three points are enough to time it
+        direct[(m, s)] = [lookahead_distortion(session.graph, weights, n, weights[n] * r.masks[n], scales)
+                          for n in r.layers]
+    direct_s = (time.perf_counter() - t) / 3
+    t = time.perf_counter()
+    session.distortion(results[next(iter(results))], output=False)
+    factors_s = time.perf_counter() - t
+    cached = []
+    for key, r in results.items():
+        t = time.perf_counter()
+        df = session.distortion(r, output=False)
+        cached.append(time.perf_counter() - t)
+        if key in direct:
+            got = df[df.layer != "(model)"]["lookahead"].to_numpy()
+            assert np.allclose(got, direct[key], rtol=1e-4), "cached lookahead differs from the direct product"
+    return {"direct_per_method_s": direct_s, "factors_first_call_s": factors_s,
+            "cached_per_method_median_s": statistics.median(cached), "points": points}
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -126,7 +160,7 @@ def machine() -> dict:
             "load_average_1min_start": os.getloadavg()[0]}
 
 
-def to_markdown(rows: list, m: dict) -> str:
+def to_markdown(rows: list, m: dict, look: dict | None = None) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread, torch {m['torch']}, "
              f"1-min load average {m['load_average_1min_start']:.1f} at the start, "
              f"{m.get('load_average_1min_end', float('nan')):.1f} at the end; no GPU. Rest delay (debounce) "
@@ -141,6 +175,13 @@ def to_markdown(rows: list, m: dict) -> str:
                      f"{r['build_over_cold']:.2f} |")
     lines += ["", f"{rows[0]['moves']} slider moves per model (magnitude, LAMP, LAP): drag steps of 0.001–0.02 "
                   "and every fifth a jump of 0.05–0.4, inside [0.3, 0.98]."]
+    if look:
+        lines += ["", f"Lookahead distortion of every ResNet-50 layer for one method at one sparsity: "
+                      f"{look['direct_per_method_s']:.2f} s as direct three-layer products (the previous lab did "
+                      f"this for every method at every move), {look['cached_per_method_median_s']:.2f} s median from "
+                      f"the cached factors over {len(look['points'])} resting points × 3 methods "
+                      f"({look['direct_per_method_s'] / look['cached_per_method_median_s']:.0f}× faster; same values "
+                      f"to 1e-4), after {look['factors_first_call_s']:.1f} s building the factors once."]
     return "\n".join(lines) + "\n"
 
 
@@ -149,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), metavar="CASE")
     ap.add_argument("--moves", type=int, default=30)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-lookahead-paths", action="store_true", help="skip the direct-vs-cached lookahead timing")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     m = machine()
@@ -157,10 +199,12 @@ def main(argv=None):
         r = run_case(name, args.moves)
         rows.append(r)
         sys.stdout.write(json.dumps(r) + "\n")
+    look = None if args.no_lookahead_paths else lookahead_paths()
     m["load_average_1min_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lab_latency.json").write_text(json.dumps({"machine": m, "cases": rows}, indent=2))
-    md = to_markdown(rows, m)
+    (args.out / "lab_latency.json").write_text(json.dumps({"machine": m, "cases": rows, "lookahead": look},
+                                                          indent=2))
+    md = to_markdown(rows, m, look)
     (args.out / "lab_latency.md").write_text(md)
     sys.stdout.write(md)
     return rows

@@ -2,12 +2,12 @@
 
 >>> import prune_lab as pl
 >>> "lap" in pl.list_methods(), pl.list_allocations()
-(True, ['uniform', 'global', 'lamp', 'uniform_plus', 'erk'])
+(True, ['uniform', 'global', 'lamp', 'uniform_plus', 'erk', 'sensitivity'])
 """
 from . import analysis, data, export, models, training
 from ._version import __version__
 from .core import pai
-from .core.allocation import list_allocations
+from .core.allocation import get_allocation, list_allocations
 from .core.graph import build_graph, prunable_parameters
 from .analysis import PruneSession
 from .engine import IterativeResult, PruneResult, iterative_prune, prune, score
@@ -15,7 +15,7 @@ from .methods import get_method, list_methods
 from .training import evaluate, perplexity, pretrained, recalibrate_bn, train
 
 __all__ = [
-    "IterativeResult", "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_method", "pai",
+    "IterativeResult", "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_allocation", "get_method", "pai",
     "list_allocations", "list_methods", "models", "perplexity", "pretrained", "prunable_parameters", "prune",
     "recalibrate_bn", "score", "train", "training",
 ]

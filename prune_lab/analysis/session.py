@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.allocation import SensitivityTable
 from ..core.lookahead import LookaheadCache
 from ..core.validation import check_sparsity
 from ..data import calibration_batch, data_identity
@@ -25,6 +26,7 @@ from ..engine.session import PruneSession as EngineSession
 from ..methods import get_method
 from ..training import evaluate, train
 from ..training import recalibrate_bn as recalibrate
+from . import sensitivity as _sens
 from .sweeps import ResultStore, SweepPoint, check_backend, compute_point, make_payload, run_local_pool, run_ray
 
 MODEL_ROW = "(model)"
@@ -166,7 +168,7 @@ class PruneSession(EngineSession):
                    "frobenius": result.frobenius[n], "relative_frobenius": result.relative_frobenius[n]}
             if lookahead:
                 row["lookahead"] = cache.distortion(n, result.masks[n], None if result.weights is None else
-                                                    result.weights[n])
+                                                    result.weights[n], n_removed=result.pruned[i])
                 full = cache.full(n)
                 row["relative_lookahead"] = row["lookahead"] / full if full > 0 else 0.0
             rows.append(row)
@@ -268,6 +270,39 @@ class PruneSession(EngineSession):
         return df
 
     # ------------------------------------------------------------------------------------------------------------
+    def sensitivity(self, method: str = "magnitude", grid=_sens.DEFAULT_GRID, *, metric: str | None = None,
+                    install: bool = True, **kw) -> pd.DataFrame:
+        """Layer sensitivity: each prunable layer pruned alone at each sparsity of ``grid`` (the rest dense), the
+        network evaluated; a tidy DataFrame, one row per (layer, sparsity). See
+        :func:`prune_lab.analysis.sensitivity.sensitivity` for the columns and keyword arguments (``layers``,
+        ``data``, ``batch``, ``callback``, ``stop``, ``cache_dir``, ``backend``, …). Points are cached in this
+        session by content. A complete run over every layer becomes the table of allocation ``sensitivity`` for
+        these weights (``install=False``: not; :meth:`use_sensitivity` chooses another)."""
+        df = _sens.sensitivity(self, method, grid, metric=metric, memo=self._points, **kw)
+        complete = not df.attrs["interrupted"] and set(df["layer"]) == set(self.layer_names)
+        if install and complete:
+            super().use_sensitivity(_sens.sensitivity_table(df))
+        df.attrs["installed"] = bool(install and complete)
+        return df
+
+    def use_sensitivity(self, table) -> SensitivityTable | None:
+        """Set the table allocation ``sensitivity`` uses in this session: a :meth:`sensitivity` DataFrame (its
+        loss increase, else its metric's increase), a :class:`~prune_lab.core.allocation.SensitivityTable`, or
+        ``None``. It applies while the weights are those it was measured on."""
+        if isinstance(table, pd.DataFrame):
+            table = _sens.sensitivity_table(table)
+        if table is not None and not isinstance(table, SensitivityTable):
+            raise TypeError(f"use_sensitivity takes a session.sensitivity(...) DataFrame, a SensitivityTable or "
+                            f"None, got {type(table).__name__}.")
+        return super().use_sensitivity(table)
+
+    def compare_allocations(self, sparsities, *, method: str = "magnitude", allocations=_sens.COMPARED,
+                            **kw) -> pd.DataFrame:
+        """``method`` under allocation ``sensitivity`` and the others (uniform, global, lamp, uniform_plus, erk)
+        at each sparsity, evaluated; see :func:`prune_lab.analysis.sensitivity.compare_allocations`."""
+        return _sens.compare_allocations(self, sparsities, method=method, allocations=allocations, **kw)
+
+    # ------------------------------------------------------------------------------------------------------------
     @_locked
     def sweep(self, methods, sparsities, *, allocations=None, seeds=(0,), finetune: dict | None = None, data=None,
               recalibrate_bn: bool = False, progress: bool = True, backend: str = "local", workers: int | None = None,
@@ -297,6 +332,10 @@ class PruneSession(EngineSession):
             raise ValueError("workers applies to backend='local'; under Ray each point is a task using one CPU of "
                              "the cluster.")
         data = self._data(data, "sweep")
+        if "sensitivity" in allocations and self.sensitivity_table is not None:
+            raise ValueError("sweep points are not keyed by the session's sensitivity table yet: compare allocation "
+                             "'sensitivity' with session.compare_allocations(sparsities), or drop the table first "
+                             "(session.use_sensitivity(None)).")
         points = [SweepPoint.make(m, a, s, seed, finetune, hp, recalibrate_bn)
                   for m in methods for a in allocations for seed in seeds for s in sparsities]
         store = ResultStore(cache_dir) if cache_dir is not None else None

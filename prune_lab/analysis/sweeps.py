@@ -71,6 +71,12 @@ class SweepPoint:
     def label(self) -> str:
         return f"{self.method} @ {self.sparsity:g} (seed {self.seed}{', fine-tuned' if self.finetune else ''})"
 
+    def run(self, session, data) -> list:
+        """The point's rows, computed on ``session`` (a point type tells the backends how it is computed: layer
+        sensitivity points run through the same store and backends)."""
+        return session._sweep_point(self.method, self.allocation, self.sparsity, self.seed, _undo(self.finetune),
+                                    data, _undo(self.hp), self.recalibrate_bn)
+
 
 def _items(d) -> tuple:
     return tuple(sorted((str(k), repr(v)) for k, v in (d or {}).items()))
@@ -171,8 +177,9 @@ def _alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # computing one point (the same code in this process, in a pool worker and in a Ray task)
 # ----------------------------------------------------------------------------------------------------------------
-def compute_point(session, point: SweepPoint, data, store: ResultStore | None) -> tuple[list, bool]:
-    """``(rows, computed)`` for ``point`` on ``session``: from ``store`` when it is there, else computed (and put
+def compute_point(session, point, data, store: ResultStore | None) -> tuple[list, bool]:
+    """``(rows, computed)`` for ``point`` (a :class:`SweepPoint`, or any point with ``key`` and ``run``) on
+    ``session``: from ``store`` when it is there, else computed (and put
     in ``store``)."""
     key = point.key(session.fingerprint, session._data_id(data))
     if store is not None:
@@ -182,8 +189,7 @@ def compute_point(session, point: SweepPoint, data, store: ResultStore | None) -
     claim = store.claim(key) if store is not None else None
     try:
         t0 = time.perf_counter()
-        rows = session._sweep_point(point.method, point.allocation, point.sparsity, point.seed,
-                                    _undo(point.finetune), data, _undo(point.hp), point.recalibrate_bn)
+        rows = point.run(session, data)
         if store is not None:
             store.put(key, rows, point, time.perf_counter() - t0)
     finally:

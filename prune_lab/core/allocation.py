@@ -6,13 +6,82 @@ in the layer order of ``ctx``) registered under a name. Budgets follow METHODS.m
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from .validation import check_choice, round_half_up
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityTable:
+    """Measured per-layer sensitivity curves, for the ``sensitivity`` allocation.
+
+    ``names``: layer names; ``sparsities[i]``, ``increases[i]``: 1-d float arrays of equal length, layer i pruned
+    alone to each sparsity (the rest dense) and the resulting increase of the loss (or of any harm: accuracy drop,
+    output distortion) over the dense model. ``metric``: what the increase measures; ``fingerprint``: the weights
+    it was measured on (``""`` when unknown). ``key``: a content hash (names, curves, metric, fingerprint), for
+    cache keys.
+
+    >>> t = SensitivityTable.make(["a", "b"], [[0.5, 0.9], [0.5, 0.9]], [[0.0, 0.2], [0.1, 0.4]], metric="loss")
+    >>> t.curve("a")
+    (array([0. , 0.5, 0.9]), array([0. , 0. , 0.2]))
+    """
+
+    names: tuple
+    sparsities: tuple
+    increases: tuple
+    metric: str = "loss"
+    fingerprint: str = ""
+    key: str = ""
+
+    @classmethod
+    def make(cls, names, sparsities, increases, *, metric: str = "loss", fingerprint: str = "") -> "SensitivityTable":
+        names = tuple(str(n) for n in names)
+        if len(set(names)) != len(names):
+            raise ValueError("SensitivityTable: layer names must be unique.")
+        if not (len(names) == len(sparsities) == len(increases)):
+            raise ValueError(f"SensitivityTable: {len(names)} names, {len(sparsities)} sparsity arrays and "
+                             f"{len(increases)} increase arrays; give one of each per layer.")
+        xs, ys = [], []
+        for n, x, y in zip(names, sparsities, increases):
+            x = np.asarray(x, dtype=np.float64).reshape(-1)
+            y = np.asarray(y, dtype=np.float64).reshape(-1)
+            if x.shape != y.shape or x.size == 0:
+                raise ValueError(f"SensitivityTable: layer {n!r} needs as many increases as sparsities (at least "
+                                 f"one), got {x.size} and {y.size}.")
+            if not (np.isfinite(x).all() and ((x >= 0) & (x < 1)).all()):
+                raise ValueError(f"SensitivityTable: the sparsities of layer {n!r} must lie in [0, 1).")
+            if np.isnan(y).any():
+                raise ValueError(f"SensitivityTable: the increases of layer {n!r} contain NaN.")
+            xs.append(x)
+            ys.append(y)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{metric}|{fingerprint}|".encode())
+        for n, x, y in zip(names, xs, ys):
+            h.update(n.encode())
+            h.update(x.tobytes())
+            h.update(y.tobytes())
+        return cls(names, tuple(xs), tuple(ys), str(metric), str(fingerprint), h.hexdigest())
+
+    def curve(self, name: str) -> tuple:
+        """``(sparsity, harm)`` of layer ``name`` as used by the allocation: sorted by sparsity, a ``(0, 0)`` point
+        first (the dense layer), negative increases as 0, repeated sparsities merged (the largest increase), and the
+        running maximum taken (pruning more never counts as harming less)."""
+        if name not in self.names:
+            raise ValueError(f"the sensitivity table has no layer {name!r} (it has {len(self.names)} layers: "
+                             f"{', '.join(map(repr, self.names[:5]))}{', …' if len(self.names) > 5 else ''}); "
+                             f"measure every layer the allocation is asked to place.")
+        i = self.names.index(name)
+        x = np.concatenate([[0.0], self.sparsities[i]])
+        y = np.concatenate([[0.0], np.maximum(self.increases[i], 0.0)])
+        y = np.where(np.isinf(y), np.finfo(np.float64).max / 4, y)
+        ux = np.unique(x)
+        uy = np.asarray([y[x == v].max() for v in ux])
+        return ux, np.maximum.accumulate(uy)
 
 
 @dataclass(frozen=True)
@@ -21,7 +90,8 @@ class AllocationContext:
 
     ``shapes``: weight shapes in data-flow order; ``is_conv``: per layer; ``ranking()``: the method's
     :class:`~prune_lab.core.ranking.Ranking` (for a global threshold on its scores); ``lamp_ranking()``: the Ranking
-    of LAMP scores of the same weights.
+    of LAMP scores of the same weights; ``sensitivity``: the measured :class:`SensitivityTable` of these weights
+    for the ``sensitivity`` allocation (the session passes its own; ``None`` when none was measured).
     """
 
     names: tuple
@@ -29,6 +99,7 @@ class AllocationContext:
     is_conv: tuple
     ranking: Callable
     lamp_ranking: Callable
+    sensitivity: SensitivityTable | None = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -42,18 +113,21 @@ class AllocationSpec:
     reference: str
     fn: Callable
     description: str = ""
+    needs: frozenset = field(default_factory=frozenset)  # e.g. {"sensitivity"}: a measured table
 
 
 _ALLOCATIONS: dict = {}
 
 
-def register_allocation(name: str, label: str, reference: str = "", description: str = ""):
-    """Decorator registering ``fn(sparsity, ctx) -> counts`` under ``name`` (a name can be registered once)."""
+def register_allocation(name: str, label: str, reference: str = "", description: str = "", needs=()):
+    """Decorator registering ``fn(sparsity, ctx) -> counts`` under ``name`` (a name can be registered once);
+    ``needs``: what the allocation needs beyond weights and scores (``{"sensitivity"}``: a measured table)."""
 
     def deco(fn):
         if name in _ALLOCATIONS:
             raise ValueError(f"allocation {name!r} is already registered.")
-        _ALLOCATIONS[name] = AllocationSpec(name, label, reference, fn, description or (fn.__doc__ or "").strip())
+        _ALLOCATIONS[name] = AllocationSpec(name, label, reference, fn, description or (fn.__doc__ or "").strip(),
+                                            frozenset(needs))
         return fn
 
     return deco
@@ -183,3 +257,102 @@ def erk(sparsity: float, ctx: AllocationContext) -> np.ndarray:
         dense |= over
     kept = apportion(keep_total, density * sizes, ctx.sizes)
     return ctx.sizes - kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sensitivity: equalise the per-layer harm
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_ordered(v: float) -> int:
+    """A non-negative float64 as an int64 of the same order (adjacent floats are adjacent integers)."""
+    return int(np.float64(v).view(np.int64))
+
+
+def _as_float(i: int) -> float:
+    return float(np.int64(i).view(np.float64))
+
+
+def equalise_counts(curves, sizes, total: int) -> np.ndarray:
+    """Pruned counts per layer that give every layer the same harm, meeting ``total`` exactly.
+
+    ``curves[l] = (x, y)``: layer l's harm ``y`` (≥ 0, non-decreasing) at sparsities ``x`` (increasing, from 0 with
+    ``y = 0``), read between points by linear interpolation; ``sizes[l]``: its weight count. A tiny slope
+    ``ε·x`` (ε = 10⁻⁶ of the largest harm) is added so that every curve strictly increases: layers on a flat
+    stretch then share that stretch at one common sparsity. For a common level λ, layer l prunes
+    ``c_l(λ) = ⌊n_l · x_l(λ)⌋`` weights, ``x_l(λ)`` the sparsity where its curve reaches λ (capped at its last
+    point). λ is bisected over the float64 values themselves (as ordered integers: at most 64 steps) to the
+    smallest level whose total reaches ``total``; weights whose level ties there go to earlier layers first. The
+    counts are those of the ``total`` cheapest removals in one fixed order (level, layer), so they grow with
+    ``total`` layer by layer (nested masks), and the result is deterministic.
+
+    >>> equalise_counts([([0, 1], [0, 1]), ([0, 1], [0, 2])], [100, 100], 90).tolist()   # x₁ = 2·x₂
+    [60, 30]
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(total)
+    curves = [(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for x, y in curves]
+    caps = np.asarray([int(math.floor(n * x[-1] + 1e-9)) for (x, _), n in zip(curves, sizes)], dtype=np.int64)
+    if total < 0 or total > int(sizes.sum()):
+        raise ValueError(f"cannot prune {total} weights of a model holding {int(sizes.sum())}.")
+    if total > int(caps.sum()):
+        raise ValueError(f"the sensitivity curves reach at most {int(caps.sum())} of {int(sizes.sum())} weights "
+                         f"(sparsity {caps.sum() / max(sizes.sum(), 1):.4f}: each layer is measured up to the "
+                         f"largest sparsity of its grid); asked to prune {total}. Measure a grid that goes higher or "
+                         f"ask for a lower sparsity.")
+    if total == 0:
+        return np.zeros(len(sizes), dtype=np.int64)
+    scale = max((float(y[-1]) for _, y in curves), default=0.0)
+    eps = 1e-6 * (scale if scale > 0 else 1.0)
+    # padded to one (layers, points) array: the last point repeated (the cap)
+    width = max(len(x) for x, _ in curves)
+    xs = np.stack([np.concatenate([x, np.full(width - len(x), x[-1])]) for x, _ in curves])
+    fs = np.stack([np.concatenate([y + eps * x, np.full(width - len(x), y[-1] + eps * x[-1])]) for x, y in curves])
+    rows = np.arange(len(curves))
+    nf = sizes.astype(np.float64)
+
+    def counts_at(lam: float) -> np.ndarray:
+        j = np.minimum((fs < lam).sum(axis=1), width - 1)  # first point at or above lam
+        i = np.maximum(j - 1, 0)
+        f0, f1, x0, x1 = fs[rows, i], fs[rows, j], xs[rows, i], xs[rows, j]
+        t = np.where(f1 > f0, (lam - f0) / np.where(f1 > f0, f1 - f0, 1.0), 1.0)
+        x = np.where(lam >= fs[:, -1], xs[:, -1], x0 + np.clip(t, 0.0, 1.0) * (x1 - x0))
+        x = np.where(lam <= 0, 0.0, x)
+        return np.minimum(np.floor(nf * x + 1e-9).astype(np.int64), caps)
+
+    lo, hi = 0, _as_ordered(float(fs[:, -1].max()))
+    while counts_at(_as_float(hi)).sum() < total:  # float round-off at the top: step up
+        hi += 1
+    # invariant: total(lo) < total ≤ total(hi); total(0) = 0 < total
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if counts_at(_as_float(mid)).sum() >= total:
+            hi = mid
+        else:
+            lo = mid
+    below, at = counts_at(_as_float(lo)), counts_at(_as_float(hi))
+    left = total - int(below.sum())
+    out = below.copy()
+    for i in range(len(out)):  # the removals tied at level hi: earlier layers first
+        take = min(int(at[i] - below[i]), left)
+        out[i] += take
+        left -= take
+    assert left == 0 and out.sum() == total
+    return out
+
+
+@register_allocation("sensitivity", "Sensitivity", "layer sensitivity analysis",
+                     "per-layer sparsities that give every layer the same measured loss increase (needs a table "
+                     "from session.sensitivity(...))", needs=("sensitivity",))
+def sensitivity(sparsity: float, ctx: AllocationContext) -> np.ndarray:
+    """Equalise each layer's measured harm at the budget (see :func:`equalise_counts`): the increase of
+    ``ctx.sensitivity`` (each layer pruned alone over a sparsity grid). Without a table: a ``ValueError`` saying how
+    to measure one."""
+    table = ctx.sensitivity
+    if table is None:
+        raise ValueError("allocation 'sensitivity' needs a measured sensitivity table of these weights: run "
+                         "session.sensitivity(...) first (or session.use_sensitivity(df) with an earlier one); "
+                         f"other allocations: {', '.join(a for a in list_allocations() if a != 'sensitivity')}.")
+    sizes = ctx.sizes
+    total = round_half_up(sparsity * int(sizes.sum()))
+    return equalise_counts([table.curve(n) for n in ctx.names], sizes, total)

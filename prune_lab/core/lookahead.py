@@ -138,36 +138,35 @@ class LayerLookahead:
         return t, o, i
 
     def quadratic_sparse(self, t: torch.Tensor, o: torch.Tensor, i: torch.Tensor, v: torch.Tensor) -> float:
-        """``f(Δ)`` of the sparse change with entries ``v`` at ``(t, o, i)`` (sorted by ``(o, i)`` within a tap):
-        ``Σ_t Σ_{(o,i) ∈ Δ_t} δ_oi (A Δ_t B)_oi``, the product formed at Δ's entries only."""
-        n_out, n_in = self.w.shape[1:]
-        total = 0.0
-        for tap in (torch.unique(t).tolist() if self.w.shape[0] > 1 else [None]):
-            oo, ii, vv = (o, i, v) if tap is None else (o[t == tap], i[t == tap], v[t == tap])
-            if self.b.dim() == 1:  # Δ_t B: Δ_t with its columns scaled
-                zv = vv * self.b[ii]
-                if self.a.dim() == 1:
-                    total += _dot(vv * self.a[oo], zv)
-                    continue
-                z = torch.zeros(n_out, n_in, device=vv.device)
-                z[oo, ii] = zv
-            else:
-                z = _csr(oo, ii, vv, n_out, n_in) @ self.b  # (out, in), dense
-                if self.a.dim() == 1:
-                    total += _dot(vv * self.a[oo], z[oo, ii])
-                    continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                sampled = torch.sparse.sampled_addmm(_csr(oo, ii, vv, n_out, n_in), self.a, z, beta=0.0)
-            total += _dot(sampled.values(), vv)
-        return total
+        """``f(Δ)`` of the sparse change with entries ``v`` at ``(t, o, i)``: ``Σ_t Σ_{(o,i) ∈ Δ_t} δ_oi
+        (A Δ_t B)_oi``, the products formed at Δ's entries only. All taps at once: ``Δ_t B`` as one sparse product of
+        the taps stacked by rows, then ``A (Δ_t B)`` sampled at Δ's entries with the taps side by side."""
+        taps, n_out, n_in = self.w.shape
+        rows = t * n_out + o
+        if self.b.dim() == 1:  # Δ_t B: Δ_t with its columns scaled
+            z = torch.zeros(taps * n_out, n_in, device=v.device)
+            z[rows, i] = v * self.b[i]
+        else:
+            order = torch.argsort(rows * n_in + i)
+            z = _csr(rows[order], i[order], v[order], taps * n_out, n_in) @ self.b  # (T·out, in), dense
+        if self.a.dim() == 1:
+            return _dot(v * self.a[o], z[rows, i])
+        z = z.reshape(taps, n_out, n_in).permute(1, 0, 2).reshape(n_out, taps * n_in)
+        cols = t * n_in + i
+        order = torch.argsort(o * (taps * n_in) + cols)
+        vv = v[order]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            sampled = torch.sparse.sampled_addmm(_csr(o[order], cols[order], vv, n_out, taps * n_in), self.a, z,
+                                                 beta=0.0)
+        return _dot(sampled.values(), vv)
 
-    def value_removed(self, removed: torch.Tensor) -> float:
-        """``f(W ⊙ R)`` for the bool mask ``R`` of removed weights (weight layout): the squared lookahead
-        distortion of plain pruning, from the nearest reference."""
+    def value_removed(self, removed: torch.Tensor, k: int | None = None) -> float:
+        """``f(W ⊙ R)`` for the bool mask ``R`` of removed weights (weight layout; ``k``: how many, when known):
+        the squared lookahead distortion of plain pruning, from the nearest reference."""
         removed = removed.to(self.weight.device, torch.bool)
         n = self.numel
-        k = int(removed.sum())
+        k = int(removed.sum()) if k is None else int(k)
         flat_w = self.weight.reshape(-1)
         if min(k, n - k) <= SPARSE_FRACTION * n:
             self.paths["sparse"] += 1
@@ -178,8 +177,14 @@ class LayerLookahead:
             t, o, i = self._coordinates(idx)
             v = -flat_w[idx]
             return max(self.full_sq + 2 * _dot(self.y_full[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
+        flat = removed.reshape(-1)
+        sample = self._sample()
         for r, (ref, y, f) in enumerate(self.references):
-            changed = (removed != ref).reshape(-1)
+            # a cheap look first: a reference more than twice the threshold away on a fixed sample is skipped
+            if sample is not None and int((flat[sample] != ref.reshape(-1)[sample]).sum()) > \
+                    2 * SPARSE_FRACTION * sample.numel():
+                continue
+            changed = flat != ref.reshape(-1)
             if int(changed.sum()) <= SPARSE_FRACTION * n:
                 self.paths["sparse"] += 1
                 self.references.insert(0, self.references.pop(r))
@@ -195,6 +200,15 @@ class LayerLookahead:
             self.references.insert(0, (removed.clone(), y, f))
             del self.references[self.max_references:]
         return f
+
+    def _sample(self):
+        """A fixed sample of 4,096 positions of the layer (None for small layers, compared whole)."""
+        if self.numel <= 1 << 14:
+            return None
+        if getattr(self, "_sample_idx", None) is None:
+            g = torch.Generator().manual_seed(0)
+            self._sample_idx = torch.randint(0, self.numel, (4096,), generator=g).to(self.weight.device)
+        return self._sample_idx
 
     def value(self, change: torch.Tensor) -> float:
         """``f(D)`` for any change ``D`` of the weight (weight layout; e.g. with updated kept weights): dense."""
@@ -251,14 +265,16 @@ class LookaheadCache:
         """``‖W₊ W W₋‖``: the lookahead distortion of removing the whole layer."""
         return self.layer(name).full_sq ** 0.5
 
-    def distortion(self, name: str, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> float:
-        """``‖W₊ (W − W̃) W₋‖`` of layer ``name`` pruned by ``mask`` (bool, True = kept; ``W̃ = M ⊙ W``) or, when
-        the method updates kept weights, for the new weight ``weight`` (``W̃``; computed densely)."""
+    def distortion(self, name: str, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                   n_removed: int | None = None) -> float:
+        """``‖W₊ (W − W̃) W₋‖`` of layer ``name`` pruned by ``mask`` (bool, True = kept; ``W̃ = M ⊙ W``; ``n_removed``:
+        its count of False, when known) or, when the method updates kept weights, for the new weight ``weight``
+        (``W̃``; computed densely)."""
         layer = self.layer(name)
         if weight is not None:
             w = self.weights[name].detach()
             return layer.value(w.float() - weight.detach().to(w.device).float()) ** 0.5
-        return layer.value_removed(~mask.to(torch.bool)) ** 0.5
+        return layer.value_removed(~mask.to(torch.bool), n_removed) ** 0.5
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers.values())

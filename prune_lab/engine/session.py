@@ -9,7 +9,10 @@ The user's model is never changed: weights are read (detached), never written. W
 after the session was made (training, loading a checkpoint), the next call notices (tensor version counters, plus a
 fixed sample of 64 entries per weight for changes made through ``.data``, which skip the counters), takes a new
 fingerprint and scores again. A change through ``.data`` of only a few entries can escape the sample: call
-:meth:`PruneSession.clear_cache` after such edits.
+:meth:`PruneSession.clear_cache` after such edits. Replaced Parameters (``load_state_dict(sd, assign=True)``,
+``layer.weight = nn.Parameter(...)``) and swapped, added or removed modules (a new head, a parametrization) are
+seen on every call too (the module sequence and each weight's registration are compared by identity): the session
+then reads the model's structure again (graph, prunable layers) before fingerprinting.
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.allocation import AllocationContext, allocate, get_allocation
+from ..core.allocation import AllocationContext, SensitivityTable, allocate, get_allocation
 from ..core.device import resolve_device
 from ..core.graph import build_graph, bn_scales
 from ..core.ranking import Ranking
-from ..core.validation import check_sparsity, round_half_up
+from ..core.validation import check_int, check_sparsity, round_half_up
 from ..methods.registry import MethodSpec, ScoreContext, get_method, get_updater, list_updaters
 from .result import PruneResult
 
@@ -69,6 +72,18 @@ def _host_cat(parts: list) -> np.ndarray:
             host[i] = joined[a:a + parts[i].numel()]
             a += parts[i].numel()
     return torch.cat(host).numpy()
+
+
+def _say_empty(res: PruneResult) -> PruneResult:
+    """Warn (``UserWarning``) when ``res`` prunes every weight of some layer, naming them (``res.empty_layers``):
+    an emptied layer cuts the network there (or leaves only its bias)."""
+    empty = res.empty_layers
+    if empty:
+        names = ", ".join(map(repr, empty[:8])) + (f", … ({len(empty) - 8} more)" if len(empty) > 8 else "")
+        warnings.warn(f"{res.method!r} with allocation {res.allocation!r} at sparsity {res.target_sparsity:g} empties "
+                      f"{len(empty)} of {len(res.layers)} layers (every weight pruned): {names}. The network is cut "
+                      f"there; see result.empty_layers.", UserWarning, stacklevel=3)
+    return res
 
 
 def _pruned_counts(masks: dict, names) -> np.ndarray:
@@ -118,34 +133,70 @@ class PruneSession:
         self.data = data
         self.device = resolve_device(device)
         self.score_dtype = _score_dtype(score_dtype)
-        self.graph = build_graph(model, include=include, exclude=exclude)
-        self.layer_names = list(self.graph.prunable)
-        if not self.layer_names:
-            what = "no Linear or Conv1d/2d/3d weight" if not self.graph.layers else \
-                "no Linear or Conv weight left after include/exclude"
-            raise ValueError(f"model {type(model).__name__} has nothing to prune: {what}. prune_lab prunes the "
-                             f"'weight' of nn.Linear and nn.Conv1d/2d/3d layers.")
-        params = dict(model.named_parameters())
-        self._params = {n: params[n] for n in self.graph.layers}
-        for n, p in self._params.items():
-            if p.device.type == "meta":
-                raise ValueError(f"weight {n!r} is on the 'meta' device (a placeholder without values); load or "
-                                 f"materialise the model's weights first (e.g. model.to_empty(device='cpu') and "
-                                 f"load_state_dict).")
-        self.tied_weights = self._find_tied(model)
-        if self.tied_weights:
-            shared = "; ".join(f"{n!r} also as {', '.join(map(repr, o))}" for n, o in self.tied_weights.items())
-            warnings.warn(f"tied (shared) weights are pruned once, under their first name: {shared}.",
-                          UserWarning, stacklevel=3)
-        modules = dict(model.named_modules())
-        self._bn = {n: modules[n] for n in self.graph.bn_modules}
-        self._shapes = tuple(tuple(self._params[n].shape) for n in self.layer_names)
-        self._is_conv = tuple(self.graph.layers[n].is_conv for n in self.layer_names)
+        self._include, self._exclude = include, exclude
+        self.tied_weights: dict = {}
+        self._bind()
         self._state: _State | None = None
         self._rankings: OrderedDict = OrderedDict()
         self._masks: OrderedDict = OrderedDict()
         self._scratch: dict = {}  # methods' expensive intermediates for the current weights (ScoreContext.cache)
         self._sample_indices: dict = {}  # see _token
+        self._sensitivity: SensitivityTable | None = None  # the table of allocation "sensitivity" (use_sensitivity)
+
+    def _bind(self):
+        """Read the model's structure: the layer graph, the prunable layers, the Parameters that hold their values
+        (and the module and attribute where each is registered) and the BatchNorm modules. At construction, and
+        again whenever :meth:`_refresh` sees replaced Parameters or changed modules."""
+        model = self.model
+        graph = build_graph(model, include=self._include, exclude=self._exclude)
+        layer_names = list(graph.prunable)
+        if not layer_names:
+            what = "no Linear or Conv1d/2d/3d weight" if not graph.layers else \
+                "no Linear or Conv weight left after include/exclude"
+            raise ValueError(f"model {type(model).__name__} has nothing to prune: {what}. prune_lab prunes the "
+                             f"weights used in matrix products and convolutions: nn.Linear and nn.Conv1d/2d/3d, "
+                             f"nn.MultiheadAttention's projections, RNN/LSTM/GRU matrices, parameters passed to "
+                             f"F.linear / F.conv*.")
+        params = dict(model.named_parameters())
+        new_params = {n: params[n] for n in graph.layers}
+        for n, p in new_params.items():
+            if p.device.type == "meta":
+                raise ValueError(f"weight {n!r} is on the 'meta' device (a placeholder without values); load or "
+                                 f"materialise the model's weights first (e.g. model.to_empty(device='cpu') and "
+                                 f"load_state_dict).")
+        modules = dict(model.named_modules())
+        self.graph = graph
+        self.layer_names = layer_names
+        self._params = new_params
+        # where each Parameter is registered: a replaced one (load_state_dict(assign=True)) is seen there
+        self._owners = {n: (modules[n.rpartition(".")[0]], n.rpartition(".")[2]) for n in new_params}
+        self._modules = tuple(model.modules())  # a swapped, added or removed module changes this sequence
+        tied = self._find_tied(model)
+        if tied and tied != self.tied_weights:
+            shared = "; ".join(f"{n!r} also as {', '.join(map(repr, o))}" for n, o in tied.items())
+            warnings.warn(f"tied (shared) weights are pruned once, under their first name: {shared}.",
+                          UserWarning, stacklevel=4)
+        self.tied_weights = tied
+        self._bn = {n: modules[n] for n in graph.bn_modules}
+        self._shapes = tuple(tuple(self._params[n].shape) for n in self.layer_names)
+        self._is_conv = tuple(self.graph.layers[n].is_conv for n in self.layer_names)
+        self._sample_indices = {}
+
+    def _refresh(self):
+        """Re-read the structure (:meth:`_bind`) when a module was swapped, added or removed, or a weight's
+        Parameter replaced (``load_state_dict(sd, assign=True)``, ``layer.weight = nn.Parameter(...)``): one pass
+        over ``model.modules()`` and one dict lookup per layer (tens of µs on ResNet-50)."""
+        mods = self._modules
+        current = tuple(self.model.modules())
+        changed = len(current) != len(mods) or any(a is not b for a, b in zip(current, mods))
+        if not changed:
+            params = self._params
+            for n, (owner, attr) in self._owners.items():
+                if owner._parameters.get(attr) is not params[n]:
+                    changed = True
+                    break
+        if changed:
+            self._bind()
 
     def _find_tied(self, model: nn.Module) -> dict:
         """``{prunable name: [other names of the same Parameter]}`` for weights shared by several modules."""
@@ -164,6 +215,7 @@ class PruneSession:
     _SAMPLE = 64  # entries per tensor compared on every call (changes through ``.data`` skip version counters)
 
     def _token(self) -> tuple:
+        self._refresh()
         tensors = list(self._params.values())
         for bn in self._bn.values():
             tensors += [t for t in (bn.weight, bn.running_var) if t is not None]
@@ -184,7 +236,8 @@ class PruneSession:
         if on_device:  # one transfer for every tensor off the CPU
             parts.append(torch.cat(on_device).cpu().numpy())
         sample = np.concatenate(parts).tobytes() if parts else b""
-        return tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors) + (sample,)
+        # the tensors themselves too (compared by identity): a replaced BatchNorm tensor may reuse a freed address
+        return (tuple(tensors),) + tuple((t.data_ptr(), t._version, str(t.device)) for t in tensors) + (sample,)
 
     def _sample_index(self, i: int, t: torch.Tensor) -> tuple:
         """Index tensors of the fixed sample of a non-contiguous weight (e.g. channels-last), per device."""
@@ -199,9 +252,13 @@ class PruneSession:
             cache[key] = idx
         return idx
 
+    @staticmethod
+    def _same_token(a: tuple, b: tuple) -> bool:
+        return len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0])) and a[1:] == b[1:]
+
     def _snapshot(self) -> _State:
         token = self._token()
-        if self._state is not None and self._state.token == token:
+        if self._state is not None and self._same_token(self._state.token, token):
             return self._state
         weights = {}
         h = hashlib.blake2b(digest_size=16)
@@ -236,6 +293,7 @@ class PruneSession:
     # scores and rankings
     # ------------------------------------------------------------------------------------------------------------
     def _check_masks(self, masks) -> dict | None:
+        self._refresh()  # masks are checked against the model's current layers
         if masks is None:
             return None
         if not isinstance(masks, dict):
@@ -358,6 +416,20 @@ class PruneSession:
                 n += a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
         return n
 
+    def use_sensitivity(self, table: SensitivityTable | None) -> SensitivityTable | None:
+        """Set the measured table allocation ``sensitivity`` uses in this session (``None``: none); it applies while
+        the weights are those it was measured on (its fingerprint)."""
+        if table is not None and not isinstance(table, SensitivityTable):
+            raise TypeError(f"use_sensitivity takes a SensitivityTable or None, got {type(table).__name__}.")
+        self._sensitivity = table
+        return table
+
+    @property
+    def sensitivity_table(self) -> SensitivityTable | None:
+        """The table allocation ``sensitivity`` uses now (``None`` when there is none for the current weights)."""
+        t = self._sensitivity
+        return t if t is not None and t.fingerprint in ("", self.fingerprint) else None
+
     def clear_cache(self):
         """Drop every cached ranking and mask set and the weights' fingerprint (the next call takes a new one and
         scores again): after editing a few weights through ``.data``, which the session's checks may miss."""
@@ -394,6 +466,7 @@ class PruneSession:
         """
         spec = get_method(method)
         s = check_sparsity(sparsity)
+        seed = check_int(seed, what="seed")
         alloc = get_allocation(allocation if allocation is not None else spec.default_allocation).name
         hpo = spec.make_hyperparameters(**hp)
         self._check_needs(spec)
@@ -407,6 +480,7 @@ class PruneSession:
             return self._ranking(lamp, lamp.make_hyperparameters(), 0, start, start_key, state)
 
         counts = self._allocate(alloc, s, ranking, lamp_ranking, overrides)
+        counts = self._keep_or_refuse(spec, alloc, s, counts, overrides)
         if start is not None:
             already = _pruned_counts(start, self.layer_names)
             short = np.nonzero(counts < already)[0]
@@ -442,7 +516,11 @@ class PruneSession:
                     new_weights = updater(ctx_s, built)
                 built = (built, new_weights)
                 self._remember(self._masks, key, built)
+                # what the method reports about this mask (e.g. CBS: its objective and loss beside magnitude's),
+                # kept with the session's other per-weights intermediates
+                self._scratch[("result_info",) + key] = dict(ctx_s.info)
             kept, new_weights = built
+            info = dict(self._scratch.get(("result_info",) + key, {}))
             # what the masks really prune, and the distortion: computed on the device, one transfer for all layers
             parts = []
             for n in self.layer_names:
@@ -457,22 +535,52 @@ class PruneSession:
                 common["hyperparameters"] = {**common["hyperparameters"], "update": update}
             if overrides:
                 common["hyperparameters"] = {**common["hyperparameters"], "overrides": dict(overrides)}
-            return PruneResult(**common, frobenius=frob, weight_norms=norms,
-                               _masks={n: m.to(devices[n]) for n, m in kept.items()},
-                               weights=None if new_weights is None else
-                               {n: (new_weights[n] * kept[n]).to(devices[n]) for n in self.layer_names})
+            return _say_empty(PruneResult(**common, frobenius=frob, weight_norms=norms, info=info,
+                                          _masks={n: m.to(devices[n]) for n, m in kept.items()},
+                                          weights=None if new_weights is None else
+                                          {n: (new_weights[n] * kept[n]).to(devices[n]) for n in self.layer_names}))
         if overrides:
             common["hyperparameters"] = {**common["hyperparameters"], "overrides": dict(overrides)}
         frob = dict(zip(self.layer_names, ranking.frobenius(counts).tolist()))
-        return PruneResult(**common, frobenius=frob, weight_norms=norms,
-                           _mask_builder=lambda: {n: m.to(devices[n]) for n, m in ranking.masks(counts).items()})
+        return _say_empty(PruneResult(**common, frobenius=frob, weight_norms=norms,
+                                      _mask_builder=lambda: {n: m.to(devices[n])
+                                                             for n, m in ranking.masks(counts).items()}))
+
+    def _keep_or_refuse(self, spec: MethodSpec, alloc: str, s: float, counts: np.ndarray, overrides) -> np.ndarray:
+        """The budget at extreme sparsity. LAMP (the ``lamp`` allocation, or a global threshold on a method whose
+        scores keep every layer, ``spec.keeps_every_layer``) keeps each layer's highest-scored weight: its count is
+        capped at ``n − 1`` (a warning says so when that lowers the total). Otherwise counts that prune every weight
+        of the model (``round(s·n) = n``: a sparsity that rounds to 1.0, which is not allowed) are refused."""
+        sizes = np.asarray([int(np.prod(sh)) for sh in self._shapes], dtype=np.int64)
+        locked = np.asarray([n in (overrides or {}) for n in self.layer_names], dtype=bool)
+        if alloc == "lamp" or (alloc == "global" and spec.keeps_every_layer):
+            cap = np.where(locked | (sizes == 0), sizes, sizes - 1)
+            if (counts > cap).any():
+                asked = int(counts.sum())
+                counts = np.minimum(counts, cap)
+                total = int(sizes.sum())
+                warnings.warn(
+                    f"{spec.name!r} with allocation {alloc!r} keeps the highest-scored weight of every layer (LAMP "
+                    f"scores it 1, so no layer is emptied): sparsity {s:g} asks to prune {asked} of {total} weights; "
+                    f"{int(counts.sum())} are pruned (sparsity {int(counts.sum()) / total:.6g}), one weight left in "
+                    f"each layer.", UserWarning, stacklevel=3)
+            return counts
+        total = int(sizes.sum())
+        if total and int(counts.sum()) >= total:
+            bound = max((n - 0.5) / n for n in sizes if n) if alloc == "uniform" else (total - 0.5) / total
+            raise ValueError(
+                f"sparsity {s:g} with allocation {alloc!r} prunes every one of the model's {total} weights (the "
+                f"budget round(s·n) rounds up to n): that is sparsity 1.0, which is not allowed. Ask for a sparsity "
+                f"below {bound:.6g}, or use allocation 'lamp', which keeps one weight in every layer.")
+        return counts
 
     def _allocate(self, alloc: str, s: float, ranking: Ranking, lamp_ranking, overrides) -> np.ndarray:
         """Per-layer pruned counts; with ``overrides``, locked layers first and the allocation over the others."""
         names = self.layer_names
         if not overrides:
             ctx = AllocationContext(names=tuple(names), shapes=self._shapes, is_conv=self._is_conv,
-                                    ranking=lambda: ranking, lamp_ranking=lamp_ranking)
+                                    ranking=lambda: ranking, lamp_ranking=lamp_ranking,
+                                    sensitivity=self.sensitivity_table if alloc == "sensitivity" else None)
             return allocate(alloc, s, ctx)
         if not isinstance(overrides, dict):
             raise TypeError(f"overrides must be a dict {{layer: sparsity}}, got {type(overrides).__name__}.")
@@ -502,7 +610,8 @@ class PruneSession:
         ctx = AllocationContext(
             names=tuple(sub), shapes=tuple(self._shapes[i] for i in free),
             is_conv=tuple(self._is_conv[i] for i in free),
-            ranking=lambda: ranking.subset(sub), lamp_ranking=lambda: lamp_ranking().subset(sub))
+            ranking=lambda: ranking.subset(sub), lamp_ranking=lambda: lamp_ranking().subset(sub),
+            sensitivity=self.sensitivity_table if alloc == "sensitivity" else None)
         counts[free] = allocate(alloc, budget_s, ctx)
         return counts
 

@@ -1,5 +1,9 @@
 """PruneLab: the ipywidgets dashboard, a thin view over a traitlets state.
 
+(A long file on purpose: it is one class, the dashboard's controller — its worker, its frame and rest phases,
+overrides and export share one state. What is pure lives beside it: rendering in ``live.py``, hover texts in
+``hover.py``, hyperparameter controls in ``controls.py``, figures in :mod:`prune_lab.viz`.)
+
 How a slider move becomes pixels, on a model of any size:
 
 - Controls are linked to :class:`LabState`. A state change only bumps a generation counter and wakes one worker
@@ -22,10 +26,10 @@ line (no thread): tests and scripts use it. Every button calls a public method t
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -39,11 +43,15 @@ from ..core.allocation import get_allocation, list_allocations
 from ..methods import get_method, list_methods
 from ..viz import layers as layer_plots
 from ..viz import plots
+from ..viz.sensitivity import plot_sensitivity
+from . import hover
+from .controls import hp_control
+from .live import DPI, LiveFigure, full_png
 
 PAPER_DEFAULT = "(paper default)"
 DEFAULT_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+SENSITIVITY_GRID = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)  # each layer pruned alone (magnitude), the rest dense
 DIGITS = 4  # sparsity precision of every key (the log slider reaches 0.1 % remaining in steps finer than 0.001)
-DPI = 96  # figures are drawn at the screen's resolution: a point of text is a point on screen
 
 
 class LabState(HasTraits):
@@ -66,50 +74,6 @@ class LabState(HasTraits):
         return round(float(min(max(proposal["value"], 0.0), 0.999)), DIGITS)
 
 
-class LiveFigure:
-    """A figure drawn again and again while only its animated artists change (blitting).
-
-    The first render lays the figure out and draws everything but ``animated()``; the background is kept, and later
-    renders restore it, draw the animated artists and encode the PNG. A full draw happens again after
-    :meth:`invalidate` (an axis changed) or when the figure is replaced.
-    """
-
-    def __init__(self, fig, animated):
-        self.fig, self.animated, self.background = fig, animated, None
-
-    def invalidate(self):
-        self.background = None
-
-    def render(self) -> bytes:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from PIL import Image
-
-        fig = self.fig
-        artists = self.animated()
-        if self.background is None or getattr(fig, "layout_changed", False):
-            canvas = FigureCanvasAgg(fig)
-            for a in artists:
-                a.set_animated(True)
-            canvas.draw()
-            fig.set_layout_engine("none")  # keep this layout: later renders only redraw the animated artists
-            self.background = canvas.copy_from_bbox(fig.bbox)
-            fig.layout_changed = False
-        canvas = fig.canvas
-        canvas.restore_region(self.background)
-        for a in artists:
-            if a.get_visible():
-                (a.axes.draw_artist if a.axes is not None else fig.draw_artist)(a)
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
-        return buf.getvalue()
-
-
-def _full_png(fig, dpi=DPI) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
 class PruneLab:
     """The dashboard. ``display(pl.PruneLab(session))`` in a notebook (or ``lab.widget``).
 
@@ -121,7 +85,8 @@ class PruneLab:
     """
 
     def __init__(self, session, methods=None, *, selected=None, sparsity: float = 0.9, grid=DEFAULT_GRID,
-                 debounce_s: float = 0.3, width: int = 800, panel_height: int = 520, input_shape=None):
+                 debounce_s: float = 0.2, width: int = 800, panel_height: int = 520, input_shape=None,
+                 sensitivity: bool | None = None, sensitivity_grid=SENSITIVITY_GRID):
         self.session = session
         self.grid = tuple(round(float(s), DIGITS) for s in grid)
         self.debounce_s = debounce_s
@@ -142,6 +107,10 @@ class PruneLab:
             [m for m in ("magnitude", "lamp", "lap") if m in runnable] or runnable[:3])
         self.state = LabState(sparsity=sparsity, methods=chosen)
         self.has_data = getattr(session, "data", None) is not None
+        self.measure_sensitivity = self.has_data if sensitivity is None else bool(sensitivity) and self.has_data
+        self.sensitivity_grid = tuple(sensitivity_grid)
+        self.sensitivity = None  # the DataFrame of the last (partial or complete) sensitivity run
+        self._stop = threading.Event()
         self.show_lookahead = bool(getattr(session.graph, "exact", True))
         self.figures: dict = {}
         self.live: dict = {}
@@ -263,9 +232,10 @@ class PruneLab:
         self.panel_state = {k: widgets.HTML(layout=widgets.Layout(display="none")) for k in ("layers", "accuracy")}
         for w in self.panel_state.values():
             w.add_class("prune-lab-panel-state")
-        self.images = {k: widgets.Image(format="png") for k in ("layers", "accuracy")}
-        self.images["layers"].add_class("prune-lab-layers")
-        self.images["accuracy"].add_class("prune-lab-accuracy")
+        self.images = {k: widgets.Image(format="png") for k in ("layers", "accuracy", "sensitivity")}
+        for k, img in self.images.items():
+            img.add_class(f"prune-lab-{k}")
+        self.sensitivity_note = widgets.HTML()
         self.no_data = widgets.HTML(
             "<span class='prune-lab-no-data' style='color:#555'>Accuracy vs sparsity: no evaluation data — create "
             "the session with <code>data=...</code> to see it.</span>")
@@ -295,7 +265,9 @@ class PruneLab:
             self.layer_box,
             widgets.HBox([accuracy, self.summary_html], layout=widgets.Layout(flex_flow="row wrap")),
             widgets.HBox([self.progress, self.progress_label]),
-        ] + list(self.panel_state.values()))
+        ] + ([self.sensitivity_note, widgets.Box([self.images["sensitivity"]], layout=widgets.Layout(
+            max_height=f"{self.panel_height}px", overflow="hidden auto", width="100%"))]
+             if self.measure_sensitivity else []) + list(self.panel_state.values()))
         self.widget = widgets.VBox([controls, self.error, self.status, panels])
         self.widget.add_class("prune-lab")
         self._connect_pointer()
@@ -339,51 +311,14 @@ class PruneLab:
         for m in self.state.methods:
             fields = get_method(m).hyperparameter_fields()
             for name, default, meta in fields:
-                rows.append(self._hp_control(m, name, self.hyperparameters[m].get(name, default), meta))
+                rows.append(hp_control(m, name, self.hyperparameters[m].get(name, default), meta,
+                                       on_value=lambda v, m=m, n=name: self._set_hyperparameter(m, n, v),
+                                       on_error=lambda msg: setattr(self.state, "error", msg)))
         self.hp_box.children = rows
 
-    def _hp_control(self, method, name, value, meta):
-        desc = f"{method}.{name}"
-        if value is None or isinstance(value, (tuple, list)):  # e.g. an input shape: typed as a Python literal
-            w = widgets.Text(value="" if value is None else repr(tuple(value)), description=desc,
-                             placeholder="e.g. (1, 28, 28)")
-            w.tooltip = meta.get("help", "")
-            w.layout = widgets.Layout(width="320px")
-            w.style = {"description_width": "150px"}
-
-            def typed(change, m=method, n=name):
-                import ast
-
-                text = change["new"].strip()
-                try:
-                    self.hyperparameters[m][n] = ast.literal_eval(text) if text else None
-                except (ValueError, SyntaxError):
-                    self.state.error = f"{m}.{n}: {text!r} is not a Python literal such as (1, 28, 28)"
-                    return
-                self._on_change(None)
-
-            w.observe(typed, names="value")
-            return w
-        if meta.get("choices"):
-            w = widgets.Dropdown(options=list(meta["choices"]), value=value, description=desc)
-        elif isinstance(value, bool):
-            w = widgets.Checkbox(value=value, description=desc)
-        elif isinstance(value, int):
-            w = widgets.BoundedIntText(value=value, min=meta.get("low") or 0, max=meta.get("high") or 10**9,
-                                       description=desc)
-        else:
-            w = widgets.BoundedFloatText(value=value, min=meta.get("low") or 0.0, max=meta.get("high") or 1e9,
-                                         description=desc)
-        w.tooltip = meta.get("help", "")
-        w.layout = widgets.Layout(width="320px")
-        w.style = {"description_width": "150px"}
-
-        def changed(change, m=method, n=name):
-            self.hyperparameters[m][n] = change["new"]
-            self._on_change(None)
-
-        w.observe(changed, names="value")
-        return w
+    def _set_hyperparameter(self, method, name, value):
+        self.hyperparameters[method][name] = value
+        self._on_change(None)
 
     def _repr_mimebundle_(self, **kwargs):  # a notebook shows the dashboard when the lab is a cell's value
         return self.widget._repr_mimebundle_(**kwargs)
@@ -403,7 +338,10 @@ class PruneLab:
     def _result(self, method, sparsity):
         """The engine's result for :meth:`query` ``(method, sparsity)`` (cached by the session)."""
         q = self.query(method, sparsity)
-        with self._lock:
+        with self._lock, warnings.catch_warnings():
+            # emptied layers and the like are shown in the status line and the summary, not as a warning per
+            # slider position
+            warnings.simplefilter("ignore", UserWarning)
             result = self.session.prune(method, q[1], allocation=self._allocation(),
                                         overrides=dict(self.state.overrides) or None,
                                         **self.hyperparameters.get(method, {}))
@@ -480,6 +418,7 @@ class PruneLab:
     def _on_change(self, _):
         """Every state change: wake the worker (or, with ``debounce_s=0``, draw and rest in line)."""
         self._generation += 1
+        self._stop.set()  # a running sensitivity measurement stops at its next point
         self._idle.clear()
         if self._worker is None:
             self.state.error = ""
@@ -541,8 +480,8 @@ class PruneLab:
         st = self.state
         self.busy.value = "<span class='prune-lab-busy' style='color:#b36b00'>⏳ working…</span>" if st.busy else ""
         self.error.value = (f"<div class='prune-lab-error' style='color:#b00020;font-weight:bold'>⚠ "
-                            f"{_escape(st.error)}</div>") if st.error else ""
-        self.status.value = f"<span class='prune-lab-status' style='color:#555'>{_escape(st.status)}</span>"
+                            f"{hover.escape(st.error)}</div>") if st.error else ""
+        self.status.value = f"<span class='prune-lab-status' style='color:#555'>{hover.escape(st.status)}</span>"
 
     # ------------------------------------------------------------------------------------------------------------
     # the fast path: a frame
@@ -593,8 +532,11 @@ class PruneLab:
         self.remaining.value = f"remaining weights: <b>{(1 - s) * 100:.3g} %</b>"
         waiting = f" · computing {', '.join(self.pending)} when the slider rests" if self.pending else ""
         n = len(results)
+        emptied = [f"{get_method(m).label} empties {len(r.empty_layers)} layer{'s' if len(r.empty_layers) > 1 else ''}"
+                   for m, r in results.items() if getattr(r, "empty_layers", None)]
         self.state.status = (f"sparsity={s:.3f} · {n} method{'s' if n != 1 else ''} · drawn{waiting}"
-                             + (f" · showing the last reachable state ({shown:.3f})" if note else ""))
+                             + (f" · showing the last reachable state ({shown:.3f})" if note else "")
+                             + (f" · ⚠ {'; '.join(emptied)}" if emptied else ""))
         self.frames.append((time.perf_counter(), gen, s, "frame"))
         self.timings["redraw_s"] = time.perf_counter() - t0
         if errors:
@@ -639,7 +581,7 @@ class PruneLab:
 
     def _show(self, name, fig):
         live = self.live.get(name)
-        png = live.render() if live is not None and live.fig is fig else _full_png(fig)
+        png = live.render() if live is not None and live.fig is fig else full_png(fig)
         self.images[name].value = png
         w, h = fig.get_size_inches() * DPI
         self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", max_width="100%",
@@ -699,6 +641,7 @@ class PruneLab:
                 self._draw_curve()
                 self._update_summary(evaluate=True)
                 self._fill_expensive(gen)
+                self._fill_sensitivity(gen)
             else:
                 self._draw_curve()
                 self._update_summary(evaluate=False)
@@ -748,6 +691,52 @@ class PruneLab:
         finally:
             self.progress.layout.visibility = "hidden"
             self.progress_label.value = ""
+
+    def _fill_sensitivity(self, gen):
+        """Layer sensitivity in the background (each layer pruned alone over the grid), drawn as it fills in; a
+        slider move stops it between points, the next rest resumes from the session's cache."""
+        if not self.measure_sensitivity or self._stale(gen) or (
+                self.sensitivity is not None and not self.sensitivity.attrs.get("interrupted", True)):
+            return
+        self._stop = stop = threading.Event()
+        if self._stale(gen):
+            return
+        rows, n_grid = [], len(self.sensitivity_grid)
+        self.progress.max, self.progress.value = len(self.session.layer_names) * n_grid, 0
+        self.progress.layout.visibility = "visible"
+
+        def step(row, done, total):
+            rows.append(row)
+            self.progress.value = done
+            self.progress_label.value = f"layer sensitivity: {done}/{total} points"
+            if done % n_grid == 0 or done == total:  # a layer is complete: draw what there is
+                self._draw_sensitivity(rows)
+
+        try:
+            df = self.session.sensitivity("magnitude", self.sensitivity_grid, callback=step, stop=stop,
+                                          progress=False)
+        finally:
+            self.progress.layout.visibility = "hidden"
+            self.progress_label.value = ""
+        self.sensitivity = df
+        self._draw_sensitivity(df)
+
+    def _draw_sensitivity(self, rows):
+        from ..analysis import sensitivity_frame
+
+        df = rows if isinstance(rows, pd.DataFrame) else sensitivity_frame(rows)
+        done = isinstance(rows, pd.DataFrame) and not rows.attrs.get("interrupted", True)
+        fig = plot_sensitivity(df, layout="heatmap", title="Layer sensitivity: each layer pruned alone (magnitude), "
+                                                           "the rest dense")
+        fig.set_dpi(DPI)
+        self.figures["sensitivity"] = fig
+        self._show("sensitivity", fig)
+        n = df["layer"].nunique() if len(df) else 0
+        self.sensitivity_note.value = (
+            f"<b>Layer sensitivity</b> ({df['metric'].iloc[0] if len(df) else 'loss'} increase; hover a cell, click a "
+            f"layer to select it): {n} of {len(self.session.layer_names)} layers measured"
+            + (" · allocation <code>sensitivity</code> now equalises these curves" if done else
+               " · filling in when the slider rests"))
 
     def _cached_eval(self, method, sparsity):
         """The point's result and its cached evaluation, or ``(None, None)`` (never evaluates, never computes an
@@ -858,45 +847,18 @@ class PruneLab:
             layer, method, column = hit
             if event.get("type") == "click":
                 self.select_layer(layer)
-            self.hover.value = self._describe_layer(layer, method, column)
+            self.hover.value = hover.describe_layer(fig.plot_data, layer, method)
+        elif panel == "sensitivity":
+            cell = hover.sensitivity_cell(fig, float(x), float(y))
+            if cell is None:
+                self.hover.value = ""
+                return
+            if event.get("type") == "click":
+                self.select_layer(cell["layer"])
+            self.hover.value = hover.describe_cell(cell)
         else:
-            self.hover.value = self._describe_point(fig, float(x), float(y))
-
-    def _describe_layer(self, layer, method, column) -> str:
-        data = self.figures["layers"].plot_data
-        rows = data[data["layer"] == layer]
-        if rows.empty:
-            return ""
-        n = int(rows["n_weights"].iloc[0])
-        head = f"<b>{_escape(layer)}</b> ({n:,} weights)"
-        if method is None:
-            parts = [f"{_escape(get_method(m).label)}: sparsity {r.sparsity:.3f}" for m, r in
-                     zip(rows["method"], rows.itertuples())]
-            return f"<span class='prune-lab-hover-text'>{head} · {' · '.join(parts)} · click to select</span>"
-        r = rows[rows["method"] == method].iloc[0]
-        look = r["relative_lookahead"]
-        look = "pending" if pd.isna(look) else f"{look:.4f}"
-        return (f"<span class='prune-lab-hover-text'>{head} · {_escape(get_method(method).label)} · sparsity "
-                f"{r['sparsity']:.4f} ({int(round(r['sparsity'] * n)):,} removed) · single-layer distortion "
-                f"{r['relative_frobenius']:.4f} · lookahead {look} (relative) · click to select</span>")
-
-    def _describe_point(self, fig, x_px, y_px) -> str:
-        data = fig.plot_data
-        if data is None or data.empty:
-            return ""
-        ax = fig.axes[0]
-        xs = (1 - data["sparsity"]) * 100 if self.state.log_remaining else data["sparsity"]
-        pts = ax.transData.transform(np.c_[xs.to_numpy(float), 100 * data["accuracy"].to_numpy(float)])
-        disp = np.array([x_px, fig.bbox.height - y_px])
-        d = np.hypot(*(pts - disp).T)
-        d[data["method"].isin(self.state.hidden).to_numpy()] = np.inf
-        i = int(np.argmin(d))
-        if d[i] > 12:
-            return ""
-        r = data.iloc[i]
-        return (f"<span class='prune-lab-hover-text'>{_escape(get_method(r['method']).label)} · sparsity "
-                f"{r['sparsity']:.4g} ({100 * (1 - r['sparsity']):.3g} % remaining) · accuracy "
-                f"{100 * r['accuracy']:.2f} % · loss {r['loss']:.4f}</span>")
+            self.hover.value = hover.describe_point(fig, float(x), float(y), hidden=self.state.hidden,
+                                                    log_remaining=self.state.log_remaining)
 
     def _fit_to(self, shown) -> bool:
         """Re-lay the layer panel out when the notebook shows it narrower than drawn (text would shrink)."""
@@ -966,7 +928,3 @@ class PruneLab:
 
 def _hex(rgb) -> str:
     return "#" + "".join(f"{int(round(255 * c)):02x}" for c in rgb[:3])
-
-
-def _escape(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

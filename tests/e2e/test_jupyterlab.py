@@ -6,7 +6,8 @@ Checks: the layer panel stays live during the drag (several changes, bounded gap
 is released, and the slider readout, the status text and every panel-state label agree on the final sparsity.
 
 Screenshots and the measured timings (``timings.json``) go to ``tmp_path/screenshots`` and are copied to
-``$PRUNE_LAB_E2E_DIR`` (default ``/tmp/prune_lab_e2e``). Chromium is Debian's (``apt-get install chromium``);
+``$PRUNE_LAB_E2E_DIR`` (default ``/tmp/prune_lab_e2e``); ``$PRUNE_LAB_E2E_MODEL`` names another torchvision model
+(e.g. ``resnet50``) for a run by hand. Chromium is Debian's (``apt-get install chromium``);
 Playwright never downloads a browser here. Without Chromium the test skips, except under CI, where it fails.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 TOKEN = "prune-lab-jupyterlab-test"
 NOTEBOOK = "prune_lab_e2e.ipynb"
 COPY_DIR = Path(os.environ.get("PRUNE_LAB_E2E_DIR", "/tmp/prune_lab_e2e"))
+MODEL = os.environ.get("PRUNE_LAB_E2E_MODEL", "resnet18")  # any torchvision model name, for runs by hand
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -85,7 +87,7 @@ def _write_notebook(folder: Path) -> Path:
     nb.metadata["language_info"] = {"name": "python"}
     nb.cells = [
         nbformat.v4.new_code_cell("import torch, torchvision, prune_lab as pl; torch.set_num_threads(1)"),
-        nbformat.v4.new_code_cell("lab = pl.PruneLab(pl.PruneSession(torchvision.models.resnet18())); lab"),
+        nbformat.v4.new_code_cell(f"lab = pl.PruneLab(pl.PruneSession(torchvision.models.{MODEL}())); lab"),
     ]
     path = folder / NOTEBOOK
     nbformat.write(nb, path)

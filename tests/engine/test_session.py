@@ -148,7 +148,7 @@ def test_torchvision_models_every_method_and_allocation(arch):
     # data-free methods: a full empirical Fisher of ResNet-18 would not fit in memory (second-order methods are
     # tested on small models; obs_layerwise is the variant for big ones)
     for method in [m for m in pl.list_methods() if "data" not in pl.get_method(m).needs]:
-        for allocation in pl.list_allocations():
+        for allocation in [a for a in pl.list_allocations() if not pl.get_allocation(a).needs]:
             hp = {"rounds": 3, "input_shape": (3, 64, 64)} if method == "synflow" else {}
             res = session.prune(method, 0.7, allocation=allocation, **hp)
             assert sum(res.pruned) > 0
@@ -287,3 +287,66 @@ def test_inf_weights_are_named(mlp):
         mlp[0].weight[1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"weight '0.weight' contains Inf"):
         pl.prune(mlp, "magnitude", 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------- issue 16
+def test_spectral_norm_model_in_train_mode_is_not_mutated():
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(spectral_norm(nn.Conv2d(1, 3, 3)), nn.ReLU(), nn.Flatten(),
+                      weight_norm(nn.Linear(3 * 4 * 4, 8)), nn.ReLU(), spectral_norm(nn.Linear(8, 3))).train()
+    before = state_copy(m)
+    session = pl.PruneSession(m, device="cpu")
+    for method in ("magnitude", "lamp", "lap", "random"):
+        res = session.prune(method, 0.5)
+        assert set(res.masks) == {"0.parametrizations.weight.original", "3.parametrizations.weight.original1",
+                                  "5.parametrizations.weight.original"}
+    session.prune("synflow", 0.5, input_shape=(1, 6, 6), rounds=2)
+    x, y = torch.randn(8, 1, 6, 6), torch.arange(8) % 3
+    pl.evaluate(m, (x, y), masks=res.masks, device="cpu")
+    assert_state_equal(m, before)  # bit for bit, buffers (_u, _v) included
+    assert all(mod.training for mod in m.modules())
+
+
+def test_session_sees_parameters_replaced_by_load_state_dict_assign(mlp):
+    session = pl.PruneSession(mlp, device="cpu")
+    old = session.prune("magnitude", 0.5)
+    fp = session.fingerprint
+    torch.manual_seed(5)
+    sd = {k: torch.randn_like(v) for k, v in mlp.state_dict().items()}
+    mlp.load_state_dict(sd, assign=True)  # new Parameter objects: the old ones are not touched
+    new = session.prune("magnitude", 0.5)
+    assert session.fingerprint != fp
+    fresh = pl.PruneSession(mlp, device="cpu").prune("magnitude", 0.5)
+    assert all(torch.equal(new.masks[n], fresh.masks[n]) for n in fresh.layers)
+    assert any(not torch.equal(new.masks[n], old.masks[n]) for n in fresh.layers)
+    assert new.model_fingerprint == fresh.model_fingerprint
+
+
+def test_session_sees_a_swapped_head(convnet):
+    session = pl.PruneSession(convnet, device="cpu")
+    session.prune("lamp", 0.5)
+    torch.manual_seed(3)
+    convnet.fc2 = nn.Linear(10, 3)  # same shape, new module: the old one is not touched
+    res = session.prune("lamp", 0.5)
+    fresh = pl.PruneSession(convnet, device="cpu").prune("lamp", 0.5)
+    assert res.model_fingerprint == fresh.model_fingerprint
+    assert all(torch.equal(res.masks[n], fresh.masks[n]) for n in fresh.layers)
+    # a head of another structure: the graph and the prunable layers are read again
+    convnet.fc2 = nn.Sequential(nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 3))
+    res = session.prune("lamp", 0.5)
+    assert res.layers[-2:] == ("fc2.0.weight", "fc2.2.weight") and session.layer_names == list(res.layers)
+    assert [l.layer for l in session.graph.consumers["fc1.weight"]] == ["fc2.0.weight"]
+    fresh = pl.PruneSession(convnet, device="cpu").prune("lamp", 0.5)
+    assert all(torch.equal(res.masks[n], fresh.masks[n]) for n in fresh.layers)
+
+
+def test_session_sees_a_parametrization_added_later():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    session = pl.PruneSession(m, device="cpu")
+    assert session.prune("magnitude", 0.5).layers == ("0.weight", "2.weight")
+    weight_norm(m[2])
+    assert session.prune("magnitude", 0.5).layers == ("0.weight", "2.parametrizations.weight.original1")

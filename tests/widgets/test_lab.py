@@ -340,3 +340,44 @@ def test_a_200_layer_model_is_readable():
     assert fig.axes[0].bbox.height / 200 >= 16
     assert min(t.get_fontsize() for t in fig.axes[0].get_yticklabels()) >= 8
     assert lab.layer_box.layout.overflow == "hidden auto"  # the panel scrolls
+
+
+def test_emptied_layers_are_said_in_the_status_not_warned_per_move(recwarn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)  # global magnitude prunes this layer first
+    lab = PruneLab(pl.PruneSession(model), debounce_s=0, selected=("global_magnitude",))
+    for v in (0.6, 0.7, 0.75):
+        lab.slider.value = v
+    assert "Global magnitude empties 1 layer" in lab.state.status
+    assert lab.summary["empty layers"].tolist() == [1]
+    assert not [w for w in recwarn.list if "empties" in str(w.message)]
+
+
+def test_layer_sensitivity_fills_in_and_feeds_the_allocation(session):
+    lab = PruneLab(session, debounce_s=0, selected=("magnitude",))
+    df = lab.sensitivity
+    assert df is not None and not df.attrs["interrupted"]
+    assert set(df["layer"]) == set(session.layer_names) and set(df["sparsity"]) == set(lab.sensitivity_grid)
+    fig = lab.figures["sensitivity"]
+    assert fig.sensitivity_layers == session.layer_names and lab.images["sensitivity"].value[:4] == b"\x89PNG"
+    assert "3 of 3 layers measured" in lab.sensitivity_note.value
+    ax = fig.axes[0]
+    grid = sorted(df["sparsity"].unique())
+    x, y = ax.transData.transform((grid.index(0.9), 2))  # fc3 pruned alone to 0.9
+    event = {"type": "click", "dataX": x, "dataY": fig.bbox.height - y}
+    lab.pointer("sensitivity", event)
+    row = df[(df.layer == "fc3.weight") & (df.sparsity == 0.9)].iloc[0]
+    assert "fc3.weight" in lab.hover.value and "pruned alone to 0.9" in lab.hover.value
+    assert f"{row['value']:.4f}" in lab.hover.value
+    assert lab.override_layer.value == "fc3.weight"
+    lab.allocation.value = "sensitivity"  # measured: the allocation works in the lab
+    assert lab.state.error == "" and set(lab.summary["allocation"]) == {"sensitivity"}
+
+
+def test_no_sensitivity_panel_without_data():
+    lab = PruneLab(pl.PruneSession(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))), debounce_s=0)
+    assert lab.sensitivity is None and lab.images["sensitivity"] not in _descendants(lab.widget)
+    lab.allocation.value = "sensitivity"  # not measured: said in words
+    assert "needs a measured sensitivity table" in lab.state.error
