@@ -59,3 +59,16 @@ def script_parser(doc: str, *, quick_help: str, data_root: Path | None = None):
         p.add_argument("--data-root", default=str(data_root), help="folder with the MNIST IDX files")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     return p
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), for the machine line of a benchmark."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

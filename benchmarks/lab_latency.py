@@ -35,8 +35,11 @@ import torch
 import prune_lab as pl
 from prune_lab.widgets import PruneLab
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, beside this script
+from _points import cpu_name  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-DEBOUNCE_S = 0.2
+DEBOUNCE_S = 0.15
 
 
 def _torchvision(name):
@@ -147,15 +150,7 @@ def lookahead_paths(n_points: int = 6) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "load_average_1min_start": os.getloadavg()[0]}
 

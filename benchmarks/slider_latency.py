@@ -33,22 +33,14 @@ from tqdm.auto import tqdm
 import prune_lab as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, beside this script
-from _points import write_results  # noqa: E402
+from _points import cpu_name, write_results  # noqa: E402
 
 METHODS = ["lamp", "global_magnitude", "magnitude"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "prune_lab": pl.__version__,
             "platform": platform.platform(), "device": str(device)}
     if device.type == "cuda":

@@ -39,6 +39,7 @@ from ..core.validation import check_choice, check_int, check_sparsity, round_hal
 from ..data import calibration_batch
 from ..methods import get_method
 from ..training import evaluate
+from .outputs import model_output as _forward
 from .sweeps import ResultStore, check_backend, make_payload, run_local_pool, run_ray
 
 SCHEMA = 1  # bump when what a point computes changes
@@ -99,24 +100,6 @@ def _undo(items: tuple) -> dict:
 # one point
 # ----------------------------------------------------------------------------------------------------------------
 _DENSE_OUT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session → {(fingerprint, batch id): out}
-
-
-def _forward(model, x, overrides) -> torch.Tensor:
-    """The model's output on ``x`` (logits of a ``transformers`` output) as float32 on the CPU, in eval mode and
-    without gradients; train/eval modes restored."""
-    from ..models.hf import output_logits
-
-    modes = [(m, m.training) for m in model.modules()]
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
-        with torch.no_grad():
-            x = x.to(dev)
-            out = torch.func.functional_call(model, overrides, (x,)) if overrides else model(x)
-            return output_logits(out).float().cpu()
-    finally:
-        for m, t in modes:
-            m.training = t
 
 
 def _layer_mask(session, point: SensitivityPoint) -> tuple:

@@ -27,6 +27,7 @@ from ..methods import get_method
 from ..training import evaluate, train
 from ..training import recalibrate_bn as recalibrate
 from . import sensitivity as _sens
+from .outputs import model_output as _forward
 from .sweeps import ResultStore, SweepPoint, check_backend, compute_point, make_payload, run_local_pool, run_ray
 
 MODEL_ROW = "(model)"
@@ -154,21 +155,31 @@ class PruneSession(EngineSession):
     # ------------------------------------------------------------------------------------------------------------
     @_locked
     def distortion(self, result: PruneResult, *, data=None, lookahead: bool = True, output: bool = True,
-                   n_calibration: int = 256) -> pd.DataFrame:
+                   n_calibration: int = 256, stop: threading.Event | None = None) -> pd.DataFrame:
         """One row per prunable layer: ``layer, n_weights, sparsity, frobenius, relative_frobenius, lookahead,
         relative_lookahead`` (÷ the lookahead distortion of removing the whole layer, ``‖W₊ W W₋‖``);
         with data (given here or to the session), a ``(model)`` row adds ``output_distortion``
         (``mean_x ‖f(x;W) − f(x;W̃)‖ / ‖f(x;W)‖`` on a calibration batch) and ``loss_change``.
-        Updated weights are used when the method provides them."""
+        Updated weights are used when the method provides them. ``stop``: a ``threading.Event`` checked between
+        layers; once set, the table so far is returned with ``df.attrs["interrupted"] = True`` (a dashboard whose
+        slider moved on)."""
         state = self._snapshot()
+        if lookahead:
+            self.graph.warn_unresolved("the lookahead distortion", stacklevel=4)
         cache = self._lookahead_cache(state) if lookahead else None
         rows = []
         for i, n in enumerate(result.layers):
+            if stop is not None and stop.is_set():
+                df = pd.DataFrame(rows)
+                df.attrs.update(interrupted=True)
+                return df
             row = {"layer": n, "n_weights": result.numel[i], "sparsity": result.layer_sparsity[n],
                    "frobenius": result.frobenius[n], "relative_frobenius": result.relative_frobenius[n]}
             if lookahead:
-                row["lookahead"] = cache.distortion(n, result.masks[n], None if result.weights is None else
-                                                    result.weights[n], n_removed=result.pruned[i])
+                order = result.orders.get(n) if result.orders and result.weights is None else None
+                row["lookahead"] = cache.distortion(
+                    n, None if order is not None else result.masks[n],
+                    None if result.weights is None else result.weights[n], n_removed=result.pruned[i], order=order)
                 full = cache.full(n)
                 row["relative_lookahead"] = row["lookahead"] / full if full > 0 else 0.0
             rows.append(row)
@@ -185,7 +196,8 @@ class PruneSession(EngineSession):
         if data is not None and output:
             total.update(self.output_distortion(result, data=data, n=n_calibration))
         df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
-        df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity)
+        df.attrs.update(method=result.method, allocation=result.allocation, target_sparsity=result.target_sparsity,
+                        interrupted=False)
         return df
 
     def _lookahead_cache(self, state) -> LookaheadCache:
@@ -400,22 +412,3 @@ def _result_key(result: PruneResult | None):
         return None
     return (result.method, result.allocation, result.target_sparsity, repr(sorted(result.hyperparameters.items())),
             result.seed, result.pruned)
-
-
-def _forward(model, x, overrides, mask=None) -> torch.Tensor:
-    """The model's output (the logits of a ``transformers`` output) as float32 on the CPU; ``mask``: the attention
-    mask of token ids ``x``."""
-    from ..models.hf import forward_kwargs, output_logits
-
-    modes = [(m, m.training) for m in model.modules()]
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
-        with torch.no_grad():
-            x = x.to(dev)
-            kw = {} if mask is None else forward_kwargs(model, mask.to(dev))
-            out = torch.func.functional_call(model, overrides, (x,), kw) if overrides else model(x, **kw)
-            return output_logits(out).float().cpu()
-    finally:
-        for m, t in modes:
-            m.training = t

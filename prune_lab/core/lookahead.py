@@ -34,7 +34,7 @@ import torch
 from .distortion import _consumer_matrix, _producer_matrix, _taps
 from .graph import LayerGraph, Link
 
-SPARSE_FRACTION = 0.05  # below this fraction of changed entries, the sparse path is cheaper than a dense product
+SPARSE_FRACTION = 0.08  # below this fraction of changed entries, the sparse path is cheaper than a dense product
 
 
 def _gram(parts: list, n: int) -> torch.Tensor:
@@ -102,6 +102,7 @@ class LayerLookahead:
         self.y_full = self.apply(self.w)
         self.full_sq = max(_dot(self.y_full, self.w), 0.0)
         self.references: list = []  # [(removed mask, Y_a, f_a)], most recent first
+        self.ordered: list = []  # [(order, k, Y_a, f_a)]: the first k of a pruning order removed, most recent first
         self.paths = {"dense": 0, "sparse": 0}  # how each value was computed (for tests and benchmarks)
 
     @property
@@ -139,8 +140,8 @@ class LayerLookahead:
 
     def quadratic_sparse(self, t: torch.Tensor, o: torch.Tensor, i: torch.Tensor, v: torch.Tensor) -> float:
         """``f(Δ)`` of the sparse change with entries ``v`` at ``(t, o, i)``: ``Σ_t Σ_{(o,i) ∈ Δ_t} δ_oi
-        (A Δ_t B)_oi``, the products formed at Δ's entries only. All taps at once: ``Δ_t B`` as one sparse product of
-        the taps stacked by rows, then ``A (Δ_t B)`` sampled at Δ's entries with the taps side by side."""
+        (A Δ_t B)_oi``, the products formed at Δ's entries only: ``Δ_t B`` for all taps as one sparse product of the
+        taps stacked by rows, then ``A (Δ_t B)`` sampled at Δ_t's entries, tap by tap."""
         taps, n_out, n_in = self.w.shape
         rows = t * n_out + o
         if self.b.dim() == 1:  # Δ_t B: Δ_t with its columns scaled
@@ -151,15 +152,22 @@ class LayerLookahead:
             z = _csr(rows[order], i[order], v[order], taps * n_out, n_in) @ self.b  # (T·out, in), dense
         if self.a.dim() == 1:
             return _dot(v * self.a[o], z[rows, i])
-        z = z.reshape(taps, n_out, n_in).permute(1, 0, 2).reshape(n_out, taps * n_in)
-        cols = t * n_in + i
-        order = torch.argsort(o * (taps * n_in) + cols)
-        vv = v[order]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            sampled = torch.sparse.sampled_addmm(_csr(o[order], cols[order], vv, n_out, taps * n_in), self.a, z,
-                                                 beta=0.0)
-        return _dot(sampled.values(), vv)
+        z = z.reshape(taps, n_out, n_in)
+        order = torch.argsort(rows * n_in + i)  # by tap, then (out, in): each tap's entries in CSR order
+        t, o, i, v = t[order], o[order], i[order], v[order]
+        bounds = torch.searchsorted(t, torch.arange(taps + 1, device=t.device)).tolist() if taps > 1 else [0, len(v)]
+        total = 0.0
+        for tap in range(taps):  # A (Δ_t B) at Δ_t's entries, on a view of Z: no copy
+            a, b = bounds[tap], bounds[tap + 1]
+            if a == b:
+                continue
+            vv = v[a:b]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                sampled = torch.sparse.sampled_addmm(_csr(o[a:b], i[a:b], vv, n_out, n_in), self.a, z[tap],
+                                                     beta=0.0)
+            total += _dot(sampled.values(), vv)
+        return total
 
     def value_removed(self, removed: torch.Tensor, k: int | None = None) -> float:
         """``f(W ⊙ R)`` for the bool mask ``R`` of removed weights (weight layout; ``k``: how many, when known):
@@ -201,6 +209,42 @@ class LayerLookahead:
             del self.references[self.max_references:]
         return f
 
+    def value_ordered(self, order: torch.Tensor, k: int) -> float:
+        """``f(W ⊙ R)`` where ``R`` is the first ``k`` weights of ``order`` (flat indices, a cached ranking's pruning
+        order): the change from a reference on the same order is a slice of it, found without scanning the layer."""
+        n = self.numel
+        k = int(k)
+        flat_w = self.weight.reshape(-1)
+        if min(k, n - k) <= SPARSE_FRACTION * n:
+            self.paths["sparse"] += 1
+            if k <= n - k:  # from "nothing removed"
+                idx = order[:k].long()
+                return max(self.quadratic_sparse(*self._coordinates(idx), flat_w[idx]), 0.0)
+            idx = order[k:].long()  # from "everything removed": Δ = −W ⊙ K
+            t, o, i = self._coordinates(idx)
+            v = -flat_w[idx]
+            return max(self.full_sq + 2 * _dot(self.y_full[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
+        near = [(abs(k - r[1]), j) for j, r in enumerate(self.ordered) if r[0] is order]
+        if near and min(near)[0] <= SPARSE_FRACTION * n:
+            j = min(near)[1]
+            ref_order, k_ref, y, f = self.ordered[j]
+            self.ordered.insert(0, self.ordered.pop(j))
+            self.paths["sparse"] += 1
+            idx = order[min(k, k_ref):max(k, k_ref)].long()
+            t, o, i = self._coordinates(idx)
+            v = flat_w[idx] if k > k_ref else -flat_w[idx]  # newly removed, or given back
+            return max(f + 2 * _dot(y[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
+        self.paths["dense"] += 1
+        removed = torch.zeros(n, dtype=torch.bool, device=flat_w.device)
+        removed[order[:k].long()] = True
+        d = _taps(self.weight * removed.reshape(self.weight.shape), self.groups)
+        y = self.apply(d)
+        f = max(_dot(y, d), 0.0)
+        if self.max_references > 0:
+            self.ordered.insert(0, (order, k, y, f))
+            del self.ordered[self.max_references:]
+        return f
+
     def _sample(self):
         """A fixed sample of 4,096 positions of the layer (None for small layers, compared whole)."""
         if self.numel <= 1 << 14:
@@ -217,7 +261,7 @@ class LayerLookahead:
         return max(_dot(self.apply(d), d), 0.0)
 
     def nbytes(self) -> int:
-        tensors = [self.y_full, self.w] + [t for r in self.references for t in r[:2]]
+        tensors = [self.y_full, self.w] + [t for r in self.references for t in r[:2]] + [r[2] for r in self.ordered]
         tensors += [t for t in (self._a, self._b, self.left, self.right) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -266,11 +310,14 @@ class LookaheadCache:
         return self.layer(name).full_sq ** 0.5
 
     def distortion(self, name: str, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                   n_removed: int | None = None) -> float:
+                   n_removed: int | None = None, order: torch.Tensor | None = None) -> float:
         """``‖W₊ (W − W̃) W₋‖`` of layer ``name`` pruned by ``mask`` (bool, True = kept; ``W̃ = M ⊙ W``; ``n_removed``:
-        its count of False, when known) or, when the method updates kept weights, for the new weight ``weight``
-        (``W̃``; computed densely)."""
+        its count of False, when known; ``order``: when the mask removes the first ``n_removed`` weights of this
+        pruning order, a cached ranking's, which finds the change from a reference without a scan) or, when the
+        method updates kept weights, for the new weight ``weight`` (``W̃``; computed densely)."""
         layer = self.layer(name)
+        if weight is None and order is not None and n_removed is not None:
+            return layer.value_ordered(order, n_removed) ** 0.5
         if weight is not None:
             w = self.weights[name].detach()
             return layer.value(w.float() - weight.detach().to(w.device).float()) ** 0.5

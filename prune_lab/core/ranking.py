@@ -319,7 +319,7 @@ def _sort_cpu(box: list):
     del keys
     order = idx.to(torch.int32)
     del idx
-    return order, SortedKeys(sorted_keys.numpy())
+    return order, SortedKeys(sorted_keys.numpy()), sorted_keys
 
 
 def _sort_torch(box: list):
@@ -332,11 +332,24 @@ def _sort_torch(box: list):
     del keys
     order = idx.to(torch.int32) if n < 2**31 else idx
     del idx
-    return order, SortedKeys(sorted_keys.cpu().numpy())
+    return order, SortedKeys(sorted_keys.cpu().numpy()), sorted_keys
 
 
-def _block_sums(w: torch.Tensor, order: torch.Tensor, block: int):
-    """``(csum (n // block + 1,) float64, Σ w² (0-d float64))`` of ``w`` (flat) in ``order``, piece by piece."""
+def _are_magnitudes(scores: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether flat float32 ``scores`` are exactly ``|w|`` (a sample first, then every entry, piece by piece)."""
+    if scores.dtype != torch.float32 or scores.shape != w.shape or scores.device != w.device or not w.numel():
+        return False
+    step = max(1, w.numel() // 64)
+    if not torch.equal(scores[::step], w[::step].abs().to(torch.float32)):
+        return False
+    return all(torch.equal(scores[a:a + _CHUNK], w[a:a + _CHUNK].abs().to(torch.float32))
+               for a in range(0, w.numel(), _CHUNK))
+
+
+def _block_sums(w: torch.Tensor, order: torch.Tensor, block: int, in_order: torch.Tensor | None = None):
+    """``(csum (n // block + 1,) float64, Σ w² (0-d float64))`` of ``w`` (flat) in ``order``, piece by piece.
+    ``in_order``: the values ``±w[order]`` already in that order (the sorted ``|w|`` of magnitude scores), read
+    instead of gathering ``w`` through the order (a random access that misses the cache on big layers)."""
     n = order.numel()
     nb = n // block
     sums = torch.empty(nb, dtype=torch.float64, device=order.device)
@@ -344,7 +357,7 @@ def _block_sums(w: torch.Tensor, order: torch.Tensor, block: int):
     step = max(block, (_CHUNK // block) * block)
     for a in range(0, n, step):
         b = min(a + step, n)
-        g = w.index_select(0, order[a:b]).to(torch.float64)
+        g = (w.index_select(0, order[a:b]) if in_order is None else in_order[a:b]).to(torch.float64)
         g.mul_(g)
         full = (b - a) // block
         if full:
@@ -432,12 +445,17 @@ class Ranking:
             s = _flat_scores(scores.pop(name) if consume else scores[name], score_dtype)
             shape = tuple(weights[name].shape)
             n = s.numel()
+            w = weights[name].detach()
+            magnitudes = _are_magnitudes(s, _flat_weight(w))
             box = [ordered_int32(s)]  # handed over in a list: the sort frees the keys as soon as it has read them
             del s
-            order, sk = (_sort_cpu if box[0].device.type == "cpu" and n < 2**31 else _sort_torch)(box)
+            order, sk, sorted_keys = (_sort_cpu if box[0].device.type == "cpu" and n < 2**31 else _sort_torch)(box)
             _check_keys(name, sk)
-            w = weights[name].detach()
-            csum, total = _block_sums(_flat_weight(w), order, block)
+            # scores |w|: the sorted keys are the float bits of |w| in order, so w² needs no gather through the order
+            in_order = sorted_keys.view(torch.float32) if magnitudes else None
+            del sorted_keys
+            csum, total = _block_sums(_flat_weight(w), order, block, in_order)
+            del in_order
             layers[name] = LayerRank(order, csum, sk, shape, w, 0.0, block)
             totals.append(total)
         if totals:  # one transfer for every layer's ‖W‖²

@@ -80,6 +80,9 @@ class PruneResult:
     of the model's weights it was computed on (:attr:`PruneSession.fingerprint`); ``empty_layers``: the layers
     that lose every weight; ``info``: what the method reports about its mask (CBS: ``cbs_objective`` and
     ``cbs_loss`` of the kept mask beside ``magnitude_objective`` and ``magnitude_loss`` of the magnitude start).
+    ``orders``: for methods scored once (a cached ranking), ``{name: order}``, each layer's weights as flat indices
+    in the order they are pruned (the mask removes the first ``pruned[i]``): incremental measures use it; ``None``
+    for sparsity-dependent methods and updated weights (not saved).
 
     :meth:`save` / :meth:`load` keep it on disk (masks packed as bits); :meth:`check_model` tells whether a model
     is the one it was computed on.
@@ -106,7 +109,7 @@ class PruneResult:
     library_version: str | None = field(default=None, repr=False)  # set on results read by load()
     _mask_builder: Callable | None = field(default=None, repr=False)
     _masks: dict | None = field(default=None, repr=False)
-
+    orders: dict | None = field(default=None, repr=False, compare=False)  # see the class docstring
     @property
     def masks(self) -> dict:
         if self._masks is None:

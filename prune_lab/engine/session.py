@@ -544,7 +544,8 @@ class PruneSession:
         frob = dict(zip(self.layer_names, ranking.frobenius(counts).tolist()))
         return _say_empty(PruneResult(**common, frobenius=frob, weight_norms=norms,
                                       _mask_builder=lambda: {n: m.to(devices[n])
-                                                             for n, m in ranking.masks(counts).items()}))
+                                                             for n, m in ranking.masks(counts).items()},
+                                      orders={n: ranking.layers[n].order for n in self.layer_names}))
 
     def _keep_or_refuse(self, spec: MethodSpec, alloc: str, s: float, counts: np.ndarray, overrides) -> np.ndarray:
         """The budget at extreme sparsity. LAMP (the ``lamp`` allocation, or a global threshold on a method whose

@@ -85,7 +85,7 @@ class PruneLab:
     """
 
     def __init__(self, session, methods=None, *, selected=None, sparsity: float = 0.9, grid=DEFAULT_GRID,
-                 debounce_s: float = 0.2, width: int = 800, panel_height: int = 520, input_shape=None,
+                 debounce_s: float = 0.15, width: int = 800, panel_height: int = 520, input_shape=None,
                  sensitivity: bool | None = None, sensitivity_grid=SENSITIVITY_GRID):
         self.session = session
         self.grid = tuple(round(float(s), DIGITS) for s in grid)
@@ -604,6 +604,9 @@ class PruneLab:
     def _rest(self, gen):
         st = self.state
         s = st.sparsity
+        self._stop = stop = threading.Event()  # set by the next state change: long steps stop between layers
+        if self._stale(gen):
+            return
         self.state.busy = True
         try:
             for m in list(self.pending):
@@ -627,7 +630,9 @@ class PruneLab:
                     except ValueError:
                         continue
                     with self._lock:
-                        dist = self.session.distortion(r, output=False)
+                        dist = self.session.distortion(r, output=False, stop=stop)
+                    if dist.attrs.get("interrupted"):
+                        return  # the slider moved on: a layer at most was computed for nothing
                     dist = dist[dist["layer"] != "(model)"]
                     self._lookahead[q] = dict(zip(dist["layer"], dist["relative_lookahead"]))
             if self._stale(gen):
@@ -698,9 +703,7 @@ class PruneLab:
         if not self.measure_sensitivity or self._stale(gen) or (
                 self.sensitivity is not None and not self.sensitivity.attrs.get("interrupted", True)):
             return
-        self._stop = stop = threading.Event()
-        if self._stale(gen):
-            return
+        stop = self._stop
         rows, n_grid = [], len(self.sensitivity_grid)
         self.progress.max, self.progress.value = len(self.session.layer_names) * n_grid, 0
         self.progress.layout.visibility = "visible"

@@ -214,3 +214,24 @@ def test_bn_recalibration_in_evaluate_and_the_lab():
 
     lab = PruneLab(s, debounce_s=0, selected=("global_magnitude",), sparsity=0.8)
     assert lab.summary["accuracy % (BN recalibrated)"].iloc[0] == round(100 * recal["accuracy"], 2)
+
+
+def test_lookahead_distortion_says_once_which_layers_have_unseen_neighbours():
+    class Cat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    session = pl.PruneSession(Cat())
+    res = session.prune("magnitude", 0.5)
+    with pytest.warns(UserWarning, match="the lookahead distortion: .*identity") as seen:
+        session.distortion(res)
+    assert sum("lookahead distortion" in str(w.message) for w in seen) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per graph: not again
+        session.distortion(res)

@@ -106,3 +106,23 @@ def test_thin_neighbours_use_their_factors_and_agree():
         mask = torch.rand(weights[n].shape, generator=gen) > 0.5
         assert cache.distortion(n, mask) == pytest.approx(
             lookahead_distortion(graph, weights, n, weights[n] * mask), rel=1e-5)
+
+
+def test_a_pruning_order_gives_the_same_values_without_masks():
+    torch.manual_seed(0)
+    model = _Residual()
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in graph.layers}
+    by_order, by_mask = LookaheadCache(graph, weights), LookaheadCache(graph, weights)
+    for n in graph.prunable:
+        order = weights[n].abs().reshape(-1).argsort(stable=True).to(torch.int32)
+        numel = weights[n].numel()
+        for frac in (0.5, 0.52, 0.6, 0.49, 0.02, 0.97, 0.5):
+            k = int(round(frac * numel))
+            mask = torch.ones(numel, dtype=torch.bool)
+            mask[order[:k].long()] = False
+            mask = mask.reshape(weights[n].shape)
+            want = lookahead_distortion(graph, weights, n, weights[n] * mask)
+            assert by_order.distortion(n, None, n_removed=k, order=order) == pytest.approx(want, rel=1e-5, abs=1e-6)
+            assert by_mask.distortion(n, mask, n_removed=k) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert sum(layer.paths["sparse"] for layer in by_order.layers.values()) > 0

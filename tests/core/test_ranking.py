@@ -192,10 +192,27 @@ def test_numpy_and_torch_sorts_agree():
     s = torch.randint(-50, 50, (100_000,), generator=g).float() / 7
     s[:10] = -0.0
     s[10:20] = 0.0
-    a_order, a_keys = R._sort_cpu([R.ordered_int32(s)])
-    b_order, b_keys = R._sort_torch([R.ordered_int32(s)])
+    a_order, a_keys, _ = R._sort_cpu([R.ordered_int32(s)])
+    b_order, b_keys, _ = R._sort_torch([R.ordered_int32(s)])
     assert torch.equal(a_order, b_order) and a_order.dtype == torch.int32
     assert np.array_equal(a_keys.array(), b_keys.array())
+
+
+def test_magnitude_scores_read_w2_from_the_sorted_keys_bit_for_bit():
+    """Scores |w|: the cumulative w² comes from the sorted keys (no gather through the order) and equals the
+    gathered sums exactly; other scores take the gather."""
+    g = torch.Generator().manual_seed(5)
+    w = {"a": torch.randn(300, 70, generator=g), "b": torch.randn(1000, generator=g)}
+    w["a"][0, :5] = 0.0
+    w["a"][1, :5] = -0.0
+    mag = R.Ranking.from_scores(["a", "b"], {n: v.abs() for n, v in w.items()}, w, block=64)
+    noisy = {n: v.abs() * (1 + 1e-7 * torch.rand(v.shape, generator=g)) for n, v in w.items()}  # not |w|: gathered
+    assert not R._are_magnitudes(noisy["a"].reshape(-1), w["a"].reshape(-1))
+    assert R._are_magnitudes(w["a"].abs().reshape(-1), w["a"].reshape(-1))
+    for n in w:
+        lr = mag.layers[n]
+        want, total = R._block_sums(w[n].reshape(-1), lr.order, 64)  # the gather path
+        assert torch.equal(lr.csum, want) and lr.norm2 == float(total)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -float("nan")])

@@ -116,7 +116,7 @@ def test_starting_masks_nest_and_validate(mlp):
         session.prune("magnitude", 0.5, masks=wrong)
 
 
-@given(st.sampled_from(pl.list_methods()), st.floats(0, 0.99), st.sampled_from(pl.list_allocations()[:3]))
+@given(st.sampled_from(pl.list_methods()), st.floats(0, 0.95), st.sampled_from(pl.list_allocations()[:3]))
 def test_model_unchanged_bit_for_bit(method, s, allocation):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
