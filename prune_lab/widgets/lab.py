@@ -206,7 +206,7 @@ class PruneLab:
         self.override_mode = widgets.ToggleButtons(options=["free", "lock", "exclude"], value="lock",
                                                    tooltips=["back to the allocation", "lock at a sparsity",
                                                              "keep dense"])
-        self.override_mode.style.button_width = "70px"
+        self.override_mode.style.button_width = "80px"
         self.override_value = widgets.BoundedFloatText(value=0.5, min=0.0, max=0.999, step=0.01,
                                                        description="sparsity", layout=widgets.Layout(width="180px"))
         self.override_button = widgets.Button(description="Apply", tooltip="apply this layer override")
@@ -273,20 +273,26 @@ class PruneLab:
         self._connect_pointer()
 
     def _build_legend(self):
-        """One toggle per selected method, in its colour: click to hide or show it in every panel."""
+        """One button per selected method, in its colour (grey while hidden): click to hide or show it in every
+        panel."""
         buttons = {}
         for m in self.state.methods:
-            b = widgets.ToggleButton(value=m not in self.state.hidden, description=get_method(m).label,
-                                     tooltip=f"show/hide {get_method(m).label}", icon="eye",
-                                     layout=widgets.Layout(width="auto"))
-            b.style.button_color = _hex(plots.method_color(m))
+            b = widgets.Button(description=get_method(m).label, tooltip=f"hide or show {get_method(m).label}",
+                               layout=widgets.Layout(width="auto"))
             b.style.text_color = "white"
             b.style.font_weight = "bold"
-            b.observe(lambda c, m=m: self.toggle_method(m, c["new"]), names="value")
+            b.on_click(lambda _, m=m: self._guard(lambda: self.toggle_method(m)))
             buttons[m] = b
         self.legend_buttons = buttons
+        self._paint_legend()
         self.legend.children = [widgets.HTML("<span style='color:#555'>methods (click to hide/show):&nbsp;</span>")
                                 ] + list(buttons.values())
+
+    def _paint_legend(self):
+        for m, b in getattr(self, "legend_buttons", {}).items():
+            hidden = m in self.state.hidden
+            b.style.button_color = "#bdbdbd" if hidden else _hex(plots.method_color(m))
+            b.icon = "eye-slash" if hidden else "eye"
 
     def _connect_pointer(self):
         """Hover and click on the panels (ipyevents: the pointer's position in the image's own pixels)."""
@@ -407,8 +413,7 @@ class PruneLab:
         visible = (method in hidden) if visible is None else visible
         (hidden.discard if visible else hidden.add)(method)
         self.state.hidden = tuple(m for m in self.state.methods if m in hidden)
-        if method in getattr(self, "legend_buttons", {}):
-            self.legend_buttons[method].value = visible
+        self._paint_legend()
 
     def _on_method_box(self, _):
         self.state.methods = tuple(m for m in self.offered if self.method_boxes[m].value)

@@ -234,3 +234,15 @@ def test_local_process_pool_backend_gives_the_same_rows(setup, tmp_path):
                                                       cache_dir=tmp_path)
     assert pooled.attrs["computed"] == len(local)
     pd.testing.assert_frame_equal(local, pooled)
+
+
+def test_ray_backend_gives_the_same_rows(setup, tmp_path, ray_cluster):
+    model, data = setup
+    local = pl.PruneSession(model, data).sensitivity(grid=[0.5, 0.9], progress=False)
+    remote = pl.PruneSession(model, data).sensitivity(grid=[0.5, 0.9], progress=False, backend="ray",
+                                                      cache_dir=tmp_path)
+    assert remote.attrs["computed"] == len(local)
+    pd.testing.assert_frame_equal(local, remote)
+    again = pl.PruneSession(model, data).sensitivity(grid=[0.5, 0.9], progress=False, backend="ray",
+                                                     cache_dir=tmp_path)
+    assert again.attrs["computed"] == 0  # from the store

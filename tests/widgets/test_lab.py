@@ -179,7 +179,8 @@ def test_legend_toggle_hides_a_method_everywhere(session):
     assert not g["collections"][("sparsity", "lamp")].get_visible()
     assert g["collections"][("sparsity", "magnitude")].get_visible()
     assert "LAMP" not in [line.get_label() for line in lab.figures["accuracy"].axes[0].get_lines()]
-    lab.legend.children[2].value = True  # the LAMP toggle, clicked again
+    assert lab.legend_buttons["lamp"].style.button_color == "#bdbdbd"  # greyed while hidden
+    lab.legend_buttons["lamp"].click()  # the LAMP button, clicked again
     assert lab.state.hidden == ()
     assert g["collections"][("sparsity", "lamp")].get_visible()
 
