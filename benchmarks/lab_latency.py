@@ -4,7 +4,7 @@ Cases (one torch thread; torchvision models with random weights, no download):
 
 - ``resnet50`` without data: magnitude, LAMP, LAP;
 - ``vit_b_16`` without data: magnitude, LAMP, LAP;
-- ``conv6`` trained on digits, with data (accuracy on the 360 test images, output distortion);
+- ``conv6`` trained on digits, with data (accuracy on the 450 test images, output distortion);
 - the quick-start ``mlpnet`` on digits (the previous benchmark's model).
 
 Per case: the time to build the lab (``PruneLab(session)``) beside the cold prunes of its selected methods on a

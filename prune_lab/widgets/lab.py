@@ -119,7 +119,7 @@ class PruneLab:
         self.pending: list = []
         self.timings: dict = {}
         self.frames: list = []  # (perf_counter, generation, sparsity, kind): what was drawn when
-        self._lookahead: dict = {}  # query → {layer: relative lookahead}
+        self._lookahead: dict = {}  # (weights fingerprint, query) → {layer: relative lookahead}
         self._computed: set = set()  # expensive queries already computed
         self._last_valid = None
         self._lock = getattr(session, "lock", None) or threading.RLock()
@@ -493,8 +493,9 @@ class PruneLab:
     # ------------------------------------------------------------------------------------------------------------
     def _layer_table(self, results: dict, s: float) -> pd.DataFrame:
         parts = []
+        fingerprint = self.session.fingerprint  # retrained weights: their own lookahead, not the old one
         for m, r in results.items():
-            look = self._lookahead.get(self.query(m, s), {})
+            look = self._lookahead.get((fingerprint, self.query(m, s)), {})
             parts.append(pd.DataFrame({
                 "method": m, "layer": list(r.layers), "n_weights": list(r.numel),
                 "sparsity": [p / n for p, n in zip(r.pruned, r.numel)],
@@ -627,7 +628,7 @@ class PruneLab:
                 for m in st.methods:
                     if self._stale(gen):
                         return
-                    q = self.query(m, s)
+                    q = (self.session.fingerprint, self.query(m, s))
                     if q in self._lookahead:
                         continue
                     try:

@@ -382,3 +382,17 @@ def test_no_sensitivity_panel_without_data():
     assert lab.sensitivity is None and lab.images["sensitivity"] not in _descendants(lab.widget)
     lab.allocation.value = "sensitivity"  # not measured: said in words
     assert "needs a measured sensitivity table" in lab.state.error
+
+
+def test_changed_weights_get_their_own_lookahead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    lab = PruneLab(pl.PruneSession(model), debounce_s=0, selected=("magnitude",))
+    before = lab.figures["layers"].plot_data["relative_lookahead"].to_numpy().copy()
+    with torch.no_grad():
+        model[2].weight.add_(torch.randn_like(model[2].weight))  # e.g. a training step in another cell
+    lab.slider.value = 0.5
+    lab.slider.value = 0.9  # the same query as at first: recomputed for the new weights, not read back
+    after = lab.figures["layers"].plot_data["relative_lookahead"].to_numpy()
+    want = lab.session.distortion(lab.session.prune("magnitude", 0.9), output=False)["relative_lookahead"][:3]
+    assert not np.allclose(before, after) and np.allclose(after, want.to_numpy())
