@@ -590,10 +590,11 @@ class PruneLab:
         png = live.render() if live is not None and live.fig is fig else full_png(fig)
         self.images[name].value = png
         w, h = fig.get_size_inches() * DPI
-        self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", max_width="100%",
-                                                  object_fit="contain")
         self._natural = getattr(self, "_natural", {})
-        self._natural[name] = (w, h)
+        if self._natural.get(name) != (w, h):  # a new size only: a frame sends the picture, not a new layout
+            self.images[name].layout = widgets.Layout(width=f"{int(w)}px", height=f"{int(h)}px", max_width="100%",
+                                                      object_fit="contain")
+            self._natural[name] = (w, h)
 
     # ------------------------------------------------------------------------------------------------------------
     # the rest phase
