@@ -109,7 +109,7 @@ def report(r: dict) -> str:
              f"= {r['points']} points (magnitude, loss on {r['test_samples']} test digits)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} on {m['torch_threads']} thread, "
              f"Python {m['python']}. Load: `{r['machine']['uptime_before']}` before, `{r['uptime_after']}` after "
-             f"(a shared machine: other jobs ran alongside).", "",
+             f"(a 2-core machine shared with other work: the load average says how busy).", "",
              f"Dense: accuracy {r['dense']['accuracy']:.4f}, loss {r['dense']['loss']:.4f}; one dense evaluation "
              f"takes {1e3 * r['dense_eval_s']:.1f} ms (the floor per point).", "",
              "| way | total | per point | speed-up vs from scratch |", "|---|---|---|---|"]
