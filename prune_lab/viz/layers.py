@@ -26,9 +26,9 @@ def short_layer_name(name: str, limit: int = _MAX_LABEL) -> str:
     """A layer name that fits a label: ``.weight`` dropped, long paths keep their last parts behind ``…``.
 
     >>> short_layer_name("features.denseblock3.denselayer12.conv2.weight")
-    '…denseblock3.denselayer12.conv2'
-    >>> short_layer_name("encoder.layers.encoder_layer_11.self_attention.in_proj_weight")
-    '…encoder_layer_11.self_attention.in_proj'
+    '…denselayer12.conv2'
+    >>> short_layer_name("encoder.layers.encoder_layer_11.self_attention.in_proj_weight")  # see unique_labels
+    '…self_attention.in_proj'
     """
     for suffix in (".weight", "_weight"):
         if name.endswith(suffix):
@@ -43,6 +43,26 @@ def short_layer_name(name: str, limit: int = _MAX_LABEL) -> str:
             break
         out = f"{p}.{out}"
     return "…" + out[-limit:]
+
+
+def unique_labels(layers, limit: int = _MAX_LABEL) -> list:
+    """Short names for ``layers`` that stay distinct: names whose short forms collide (the same part of a block
+    repeated in every block, e.g. ``…self_attention.in_proj``) keep more of their path until they differ.
+
+    >>> unique_labels(["enc.block_0.attn.in_proj_weight", "enc.block_1.attn.in_proj_weight"], limit=12)
+    ['enc.block_0.attn.in_proj', 'enc.block_1.attn.in_proj']
+    """
+    labels = [short_layer_name(n, limit) for n in layers]
+    for wider in range(limit + 6, 200, 6):
+        seen: dict = {}
+        for j, label in enumerate(labels):
+            seen.setdefault(label, []).append(j)
+        clashes = [j for js in seen.values() if len(js) > 1 for j in js]
+        if not clashes:
+            break
+        for j in clashes:
+            labels[j] = short_layer_name(layers[j], wider)
+    return labels
 
 
 def _text_width_px(text: str, dpi: int) -> float:
@@ -66,14 +86,14 @@ def plot_layers(data: pd.DataFrame, *, width_px: int = 960, dpi: int = 96, title
 
     >>> t = pd.DataFrame({"method": ["lamp"] * 2, "layer": ["a.weight", "b.weight"], "n_weights": [10, 4],
     ...                   "sparsity": [0.5, 0.25], "relative_frobenius": [0.1, 0.2]})
-    >>> [ax.get_title() for ax in plot_layers(t).axes]
+    >>> [ax.get_title(loc="left") for ax in plot_layers(t).axes]
     ['layer sparsity\\nfraction of its weights removed', 'single-layer distortion (relative)\\n‖W − W̃‖ / ‖W‖']
     """
     methods = list(dict.fromkeys(data["method"]))
     layers = list(dict.fromkeys(data["layer"]))
     cols = [(c, t) for c, t in COLUMNS if c in data.columns] if columns is None else \
         [(c, t) for c, t in COLUMNS if c in columns]
-    labels = [short_layer_name(n) for n in layers]
+    labels = unique_labels(layers)
     row = _row_px(len(methods))
     top_px, bottom_px = 74.0, 34.0
     height_px = top_px + bottom_px + row * max(len(layers), 1)

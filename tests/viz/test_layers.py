@@ -4,7 +4,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from prune_lab.viz import method_color
-from prune_lab.viz.layers import hit_test, plot_layers, short_layer_name, update_layers
+from prune_lab.viz.layers import hit_test, plot_layers, short_layer_name, unique_labels, update_layers
 
 
 def table(n_layers=3, methods=("magnitude", "lamp"), seed=0):
@@ -86,3 +86,13 @@ def test_short_names_keep_the_end_of_long_paths():
     long = "features.denseblock4.denselayer16.conv2.weight"
     assert short_layer_name(long).endswith("denselayer16.conv2") and len(short_layer_name(long)) <= 31
     assert short_layer_name("encoder.layers.encoder_layer_0.self_attention.in_proj_weight").endswith("in_proj")
+
+
+def test_labels_stay_distinct_when_blocks_repeat_their_parts():
+    names = [f"encoder.layers.encoder_layer_{i}.self_attention.{p}" for i in range(12)
+             for p in ("in_proj_weight", "out_proj.weight")] + ["heads.head.weight"]
+    labels = unique_labels(names)
+    assert len(set(labels)) == len(names)
+    assert labels[0].endswith("encoder_layer_0.self_attention.in_proj") and labels[-1] == "heads.head"
+    fig = plot_layers(pd.DataFrame({"method": "lamp", "layer": names, "n_weights": 10, "sparsity": 0.5}))
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == labels
