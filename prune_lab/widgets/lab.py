@@ -902,6 +902,9 @@ class PruneLab:
             folder = folder / f"export-{i:03d}"
         self.redraw()
         self.refresh_accuracy()
+        if "layers" not in self.figures or not self.results:
+            raise ValueError("nothing to export: no method is selected or none reaches this sparsity; tick a method "
+                             "(or move the slider) first.")
         figures = {"layers": layer_plots.plot_layers(self.figures["layers"].plot_data, width_px=1100, dpi=100,
                                                      title=f"Per layer at sparsity {self.state.sparsity:.3g}",
                                                      columns=None if self.show_lookahead else

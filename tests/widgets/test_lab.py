@@ -396,3 +396,11 @@ def test_changed_weights_get_their_own_lookahead():
     after = lab.figures["layers"].plot_data["relative_lookahead"].to_numpy()
     want = lab.session.distortion(lab.session.prune("magnitude", 0.9), output=False)["relative_lookahead"][:3]
     assert not np.allclose(before, after) and np.allclose(after, want.to_numpy())
+
+
+def test_export_with_nothing_to_show_says_so(tmp_path):
+    lab = PruneLab(pl.PruneSession(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))), debounce_s=0,
+                   selected=())
+    with pytest.raises(ValueError, match="nothing to export"):
+        lab.export(tmp_path)
+    assert not any(tmp_path.iterdir())
