@@ -101,7 +101,7 @@ def cmd_report(args) -> int:
     written += save_figure(plot_layer_sparsity(table, title=f"Layerwise sparsity at {args.sparsity:g}"),
                            out / "layer_sparsity")
     written += save_figure(plot_distortion(dist), out / "distortion")
-    written += save_figure(plot_accuracy_curve(curve, current=args.sparsity,
+    written += save_figure(plot_accuracy_curve(curve, current=args.sparsity if args.current_line else None,
                                                dense=session.evaluate()["accuracy"]), out / "accuracy")
     dist.to_csv(out / "distortion_table.csv", index=False)
     settings = {"model": args.model, "data": args.data, "model_fingerprint": session.fingerprint,
@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     r.add_argument("--sparsity", type=float, default=0.9, help="for the per-layer panels")
     r.add_argument("--grid", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     r.add_argument("--out", default="figures")
+    r.add_argument("--current-line", action="store_true",
+                   help="mark --sparsity on the accuracy figure (off by default: a figure for a paper)")
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", dest="progress", action="store_false")
     w = sub.add_parser("sweep", help="run a sweep from a YAML configuration, locally or on a Ray cluster")

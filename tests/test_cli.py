@@ -23,10 +23,18 @@ def test_bad_sparsity_is_a_clear_error(capsys):
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
 
 
-def test_report_writes_figures_and_tables(tmp_path, capsys):
+def test_report_writes_figures_and_tables(tmp_path, capsys, monkeypatch):
+    import prune_lab.viz as viz
+
+    currents = []
+    original = viz.plot_accuracy_curve
+    monkeypatch.setattr(viz, "plot_accuracy_curve", lambda *a, **k: currents.append(k.get("current")) or
+                        original(*a, **k))
     out = tmp_path / "figs"
     assert main(["report", "--methods", "magnitude,lamp", "--grid", "0", "0.5", "--sparsity", "0.8",
                  "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert currents == [None]  # a figure for a paper: no dashed "current" line unless asked
+    assert "label" in (out / "layer_sparsity.csv").read_text().splitlines()[0]
     for stem in ("layer_sparsity", "distortion", "accuracy"):
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / f"{stem}.pdf").exists() and (out / f"{stem}.svg").exists() and (out / f"{stem}.csv").exists()

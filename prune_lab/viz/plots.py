@@ -72,7 +72,7 @@ def _grouped_bars(ax, df: pd.DataFrame, value: str, methods, layers, *, alpha=1.
     for i, m in enumerate(methods):
         part = df[df.method == m].set_index("layer").reindex(layers)
         ax.bar(x + (i - (len(methods) - 1) / 2) * width, part[value].to_numpy(dtype=float), width * 0.95,
-               color=method_color(m), label=m, alpha=alpha, linewidth=0)
+               color=method_color(m), label=method_label(m), alpha=alpha, linewidth=0)
     return x
 
 
@@ -274,7 +274,8 @@ def plot_mask(mask, *, other=None, names=("a", "b"), ax=None, title=None) -> Fig
 
 
 def save_figure(fig: Figure, path, *, formats=("png", "pdf", "svg"), dpi: int = 300) -> list:
-    """Write ``fig`` as PNG (``dpi``), PDF and SVG, plus its plotted data as CSV; ``path`` without suffix.
+    """Write ``fig`` as PNG (``dpi``), PDF and SVG, plus its plotted data as CSV (a ``label`` column with each
+    method's display name beside its ``method`` id); ``path`` without suffix.
     Returns the written paths."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +287,9 @@ def save_figure(fig: Figure, path, *, formats=("png", "pdf", "svg"), dpi: int = 
     data = getattr(fig, "plot_data", None)
     if data is not None:
         p = path.with_suffix(".csv")
+        if "method" in data.columns and "label" not in data.columns:  # the id and the display name, both
+            data = data.copy()
+            data.insert(list(data.columns).index("method") + 1, "label", data["method"].map(method_label))
         data.to_csv(p, index=False)
         out.append(p)
     return out

@@ -87,7 +87,10 @@ def test_save_figure_writes_valid_files(tmp_path):
     assert by_ext[".png"][:8] == b"\x89PNG\r\n\x1a\n"
     assert by_ext[".pdf"][:5] == b"%PDF-"
     assert b"<svg" in by_ext[".svg"][:500]
-    assert pd.read_csv(tmp_path / "sub" / "bars.csv").shape == TABLE.shape
+    csv = pd.read_csv(tmp_path / "sub" / "bars.csv")
+    assert csv.shape == (len(TABLE), TABLE.shape[1] + 1)  # + the display names beside the method ids
+    assert csv["label"].tolist() == ["Magnitude (MP)"] * 2 + ["LAMP"] * 2 and list(csv.columns[:2]) == ["method",
+                                                                                                        "label"]
 
 
 def test_no_pyplot_figures_leak():

@@ -92,4 +92,4 @@ def test_heat_maps_side_by_side_per_method_and_saved_with_data(tmp_path):
     maps = [ax for ax in fig.axes if ax.get_images()]
     assert [ax.get_title() for ax in maps] == [pl.get_method("magnitude").label, pl.get_method("lamp").label]
     paths = pl.viz.save_figure(fig, tmp_path / "sens", formats=("png",))
-    assert pd.read_csv(paths[-1]).shape == df.shape
+    assert pd.read_csv(paths[-1]).shape == (len(df), df.shape[1] + 1)  # + the methods' display names
