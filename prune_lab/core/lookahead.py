@@ -169,23 +169,49 @@ class LayerLookahead:
             total += _dot(sampled.values(), vv)
         return total
 
+    def _step(self, idx: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None = None, f: float = 0.0) -> float:
+        """``f(D_a + Δ) = f_a + 2⟨Y_a, Δ⟩ + f(Δ)`` for ``Δ`` = ``v`` at flat positions ``idx``, from the reference
+        ``(Y_a, f_a)`` (none: nothing removed)."""
+        t, o, i = self._coordinates(idx)
+        cross = 0.0 if y is None else 2 * _dot(y[t, o, i], v)
+        return max(f + cross + self.quadratic_sparse(t, o, i, v), 0.0)
+
+    def _from_an_end(self, k: int, removed_idx, kept_idx):
+        """From "nothing removed" (Δ = W ⊙ R) or "everything removed" (Δ = −W ⊙ K) when either is near enough, else
+        None. ``removed_idx()`` / ``kept_idx()``: the flat positions of R and K."""
+        n = self.numel
+        if min(k, n - k) > SPARSE_FRACTION * n:
+            return None
+        self.paths["sparse"] += 1
+        flat_w = self.weight.reshape(-1)
+        if k <= n - k:
+            idx = removed_idx()
+            return self._step(idx, flat_w[idx])
+        idx = kept_idx()
+        return self._step(idx, -flat_w[idx], self.y_full, self.full_sq)
+
+    def _dense(self, removed: torch.Tensor) -> tuple:
+        """``(Y, f)`` of ``D = W ⊙ R`` (``removed``: bool, weight layout) by dense products."""
+        self.paths["dense"] += 1
+        d = _taps(self.weight * removed, self.groups)
+        y = self.apply(d)
+        return y, max(_dot(y, d), 0.0)
+
+    def _keep(self, refs: list, entry: tuple):
+        if self.max_references > 0:
+            refs.insert(0, entry)
+            del refs[self.max_references:]
+
     def value_removed(self, removed: torch.Tensor, k: int | None = None) -> float:
         """``f(W ⊙ R)`` for the bool mask ``R`` of removed weights (weight layout; ``k``: how many, when known):
         the squared lookahead distortion of plain pruning, from the nearest reference."""
         removed = removed.to(self.weight.device, torch.bool)
-        n = self.numel
-        k = int(removed.sum()) if k is None else int(k)
-        flat_w = self.weight.reshape(-1)
-        if min(k, n - k) <= SPARSE_FRACTION * n:
-            self.paths["sparse"] += 1
-            if k <= n - k:  # from "nothing removed": Δ = W ⊙ R
-                idx = removed.reshape(-1).nonzero().squeeze(1)
-                return max(self.quadratic_sparse(*self._coordinates(idx), flat_w[idx]), 0.0)
-            idx = (~removed).reshape(-1).nonzero().squeeze(1)  # from "everything removed": Δ = −W ⊙ K
-            t, o, i = self._coordinates(idx)
-            v = -flat_w[idx]
-            return max(self.full_sq + 2 * _dot(self.y_full[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
         flat = removed.reshape(-1)
+        k = int(removed.sum()) if k is None else int(k)
+        hit = self._from_an_end(k, lambda: flat.nonzero().squeeze(1), lambda: (~flat).nonzero().squeeze(1))
+        if hit is not None:
+            return hit
+        flat_w = self.weight.reshape(-1)
         sample = self._sample()
         for r, (ref, y, f) in enumerate(self.references):
             # a cheap look first: a reference more than twice the threshold away on a fixed sample is skipped
@@ -193,56 +219,35 @@ class LayerLookahead:
                     2 * SPARSE_FRACTION * sample.numel():
                 continue
             changed = flat != ref.reshape(-1)
-            if int(changed.sum()) <= SPARSE_FRACTION * n:
+            if int(changed.sum()) <= SPARSE_FRACTION * self.numel:
                 self.paths["sparse"] += 1
                 self.references.insert(0, self.references.pop(r))
                 idx = changed.nonzero().squeeze(1)
-                t, o, i = self._coordinates(idx)
-                v = torch.where(removed.reshape(-1)[idx], flat_w[idx], -flat_w[idx])
-                return max(f + 2 * _dot(y[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
-        self.paths["dense"] += 1
-        d = _taps(self.weight * removed, self.groups)
-        y = self.apply(d)
-        f = max(_dot(y, d), 0.0)
-        if self.max_references > 0:
-            self.references.insert(0, (removed.clone(), y, f))
-            del self.references[self.max_references:]
+                return self._step(idx, torch.where(flat[idx], flat_w[idx], -flat_w[idx]), y, f)
+        y, f = self._dense(removed)
+        self._keep(self.references, (removed.clone(), y, f))
         return f
 
     def value_ordered(self, order: torch.Tensor, k: int) -> float:
         """``f(W ⊙ R)`` where ``R`` is the first ``k`` weights of ``order`` (flat indices, a cached ranking's pruning
         order): the change from a reference on the same order is a slice of it, found without scanning the layer."""
-        n = self.numel
         k = int(k)
-        flat_w = self.weight.reshape(-1)
-        if min(k, n - k) <= SPARSE_FRACTION * n:
-            self.paths["sparse"] += 1
-            if k <= n - k:  # from "nothing removed"
-                idx = order[:k].long()
-                return max(self.quadratic_sparse(*self._coordinates(idx), flat_w[idx]), 0.0)
-            idx = order[k:].long()  # from "everything removed": Δ = −W ⊙ K
-            t, o, i = self._coordinates(idx)
-            v = -flat_w[idx]
-            return max(self.full_sq + 2 * _dot(self.y_full[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
+        hit = self._from_an_end(k, lambda: order[:k].long(), lambda: order[k:].long())
+        if hit is not None:
+            return hit
         near = [(abs(k - r[1]), j) for j, r in enumerate(self.ordered) if r[0] is order]
-        if near and min(near)[0] <= SPARSE_FRACTION * n:
+        if near and min(near)[0] <= SPARSE_FRACTION * self.numel:
             j = min(near)[1]
-            ref_order, k_ref, y, f = self.ordered[j]
+            _, k_ref, y, f = self.ordered[j]
             self.ordered.insert(0, self.ordered.pop(j))
             self.paths["sparse"] += 1
             idx = order[min(k, k_ref):max(k, k_ref)].long()
-            t, o, i = self._coordinates(idx)
-            v = flat_w[idx] if k > k_ref else -flat_w[idx]  # newly removed, or given back
-            return max(f + 2 * _dot(y[t, o, i], v) + self.quadratic_sparse(t, o, i, v), 0.0)
-        self.paths["dense"] += 1
-        removed = torch.zeros(n, dtype=torch.bool, device=flat_w.device)
+            flat_w = self.weight.reshape(-1)
+            return self._step(idx, flat_w[idx] if k > k_ref else -flat_w[idx], y, f)  # newly removed, or given back
+        removed = torch.zeros(self.numel, dtype=torch.bool, device=self.weight.device)
         removed[order[:k].long()] = True
-        d = _taps(self.weight * removed.reshape(self.weight.shape), self.groups)
-        y = self.apply(d)
-        f = max(_dot(y, d), 0.0)
-        if self.max_references > 0:
-            self.ordered.insert(0, (order, k, y, f))
-            del self.ordered[self.max_references:]
+        y, f = self._dense(removed.reshape(self.weight.shape))
+        self._keep(self.ordered, (order, k, y, f))
         return f
 
     def _sample(self):

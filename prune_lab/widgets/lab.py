@@ -804,9 +804,8 @@ class PruneLab:
         """The summary table; ``evaluate=False`` (while dragging) shows only cached accuracies and no output
         distortion (both come when the slider rests)."""
         rows = []
-        s = self.state.sparsity
         for m, r in self.results.items():
-            _, ev = self._cached_eval(m, s)
+            ev = self.session.cached_evaluation(r) if self.has_data else None  # the frame's result: no second lookup
             ranking = self.session.ranking(m, **self.hyperparameters.get(m, {})) if not self._expensive(m) else None
             row = {"method": m, "label": get_method(m).label, "allocation": r.allocation,
                    "sparsity": round(r.sparsity, DIGITS + 1), "remaining weights": int(r.n_kept),
@@ -816,7 +815,7 @@ class PruneLab:
                 row["loss"] = np.nan if ev is None else round(ev["loss"], 4)
             row["critical sparsity"] = np.nan if ranking is None else round(ranking.critical_count() / ranking.total,
                                                                             4)
-            row["empty layers"] = sum(1 for p, n in zip(r.pruned, r.numel) if p == n)
+            row["empty layers"] = len(r.empty_layers)
             if self.has_data and self.state.evaluate and evaluate:
                 with self._lock:
                     row["output distortion"] = round(self.session.output_distortion(r)["output_distortion"], 4)
