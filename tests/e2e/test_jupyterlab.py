@@ -301,6 +301,26 @@ def test_dashboard_drag_in_jupyterlab(pw, jupyterlab, tmp_path):
             kernel = page.evaluate("() => window.__plk")
             page.screenshot(path=str(shots / "3_after_drag.png"))
 
+            # hover a bar of the layer panel (ipyevents reports the pointer in the image's pixels), then click it
+            box = layers.first.bounding_box()
+            spot = (box["x"] + 0.55 * box["width"], box["y"] + 0.3 * box["height"])
+            hover_text = ""
+            for dx in (0, 3, 6, 9):  # the first move may only re-fit the panel to the notebook's width
+                page.mouse.move(spot[0] + dx, spot[1])
+                try:
+                    page.wait_for_selector(".prune-lab-hover-text", timeout=5_000)
+                    hover_text = page.locator(".prune-lab-hover-text").first.inner_text()
+                    break
+                except Exception:  # noqa: BLE001 - try the next position
+                    continue
+            page.mouse.click(spot[0] + 9, spot[1])
+            page.wait_for_timeout(1_500)
+            clicked_text = page.locator(".prune-lab-hover-text").first.inner_text()  # the click's own description
+            layer_select = page.locator(".prune-lab .widget-dropdown", has=page.locator("label").filter(
+                has_text=re.compile(r"^\s*layer\s*$"))).locator("select").first
+            selected = layer_select.input_value()
+            page.screenshot(path=str(shots / "4_hover_click.png"))
+
             readout_text = readout.inner_text().strip()
             status = page.locator(".prune-lab-status").first.inner_text()
             panel_states = page.locator(".prune-lab-panel-state").all_inner_texts()
@@ -375,6 +395,9 @@ def test_dashboard_drag_in_jupyterlab(pw, jupyterlab, tmp_path):
     assert "drawn" in status, status
     shown = _sparsities([status]) + _sparsities(panel_states)
     assert len(_sparsities([status])) == 1, f"no sparsity=0.XXX in the status {status!r}"
+    # hover and click work in the browser: the hover line names a layer with its weights, the click selects it
+    assert re.search(r"\([\d,]+ weights\)", hover_text), f"no hover text over the layer panel: {hover_text!r}"
+    assert selected and selected in clicked_text, (selected, clicked_text)
     assert all(s == readout_text for s in shown), \
         f"readout {readout_text} vs status/panels {shown}: {status!r} {panel_states}"
     assert 0.2 < float(readout_text) < 0.6, f"the drag should have ended near 0.35, readout {readout_text}"
