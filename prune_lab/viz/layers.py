@@ -15,9 +15,9 @@ from matplotlib.patches import Patch
 
 from .plots import PlotFigure, method_color, method_label, paper_style
 
-COLUMNS = (("sparsity", "layer sparsity\nfraction of its weights removed"),
-           ("relative_frobenius", "single-layer distortion (relative)\n‖W − W̃‖ / ‖W‖"),
-           ("relative_lookahead", "lookahead distortion (relative)\n‖W₊ΔW W₋‖ / ‖W₊W W₋‖"))
+COLUMNS = (("sparsity", "layer sparsity\n(fraction of its\nweights removed)"),
+           ("relative_frobenius", "single-layer distortion\n(relative)\n‖W − W̃‖ / ‖W‖"),
+           ("relative_lookahead", "lookahead distortion\n(relative)\n‖W₊ΔW W₋‖ / ‖W₊W W₋‖"))
 FONT_PT = 9.0  # never below 8 pt at 100 % zoom (the figure is drawn at the screen's 96 dpi)
 _MAX_LABEL = 30
 
@@ -87,7 +87,7 @@ def plot_layers(data: pd.DataFrame, *, width_px: int = 960, dpi: int = 96, title
     >>> t = pd.DataFrame({"method": ["lamp"] * 2, "layer": ["a.weight", "b.weight"], "n_weights": [10, 4],
     ...                   "sparsity": [0.5, 0.25], "relative_frobenius": [0.1, 0.2]})
     >>> [ax.get_title(loc="left") for ax in plot_layers(t).axes]
-    ['layer sparsity\\nfraction of its weights removed', 'single-layer distortion (relative)\\n‖W − W̃‖ / ‖W‖']
+    ['layer sparsity\\n(fraction of its\\nweights removed)', 'single-layer distortion\\n(relative)\\n‖W − W̃‖ / ‖W‖']
     """
     methods = list(dict.fromkeys(data["method"]))
     layers = list(dict.fromkeys(data["layer"]))
@@ -95,7 +95,7 @@ def plot_layers(data: pd.DataFrame, *, width_px: int = 960, dpi: int = 96, title
         [(c, t) for c, t in COLUMNS if c in columns]
     labels = unique_labels(layers)
     row = _row_px(len(methods))
-    top_px, bottom_px = 74.0, 34.0
+    top_px, bottom_px = 104.0, 34.0  # the heading, the legend below it, then three-line column titles
     height_px = top_px + bottom_px + row * max(len(layers), 1)
     label_px = 14 + _text_width_px(max(labels, key=len, default=""), dpi)
     with paper_style():
@@ -123,9 +123,9 @@ def plot_layers(data: pd.DataFrame, *, width_px: int = 960, dpi: int = 96, title
                 ax.add_collection(c)
                 collections[(col, m)] = c
         fig.legend(handles=[Patch(color=method_color(m), label=method_label(m)) for m in methods],
-                   loc="upper left", bbox_to_anchor=(left, 1 - 4 / height_px), ncol=min(len(methods), 6),
+                   loc="upper left", bbox_to_anchor=(0.0, 1 - 20 / height_px), ncol=min(len(methods), 6),
                    frameon=False, fontsize=FONT_PT, handlelength=1.2, columnspacing=1.2)
-        heading = fig.text(1 - right, 1 - 10 / height_px, title or "", ha="right", va="top", fontsize=FONT_PT,
+        heading = fig.text(0.01, 1 - 6 / height_px, title or "", ha="left", va="top", fontsize=FONT_PT,
                            color="0.25")
     fig.layer_geometry = {"layers": layers, "methods": methods, "columns": [c for c, _ in cols], "axes": axes,
                           "bar_height": h, "heading": heading, "collections": collections}
