@@ -177,9 +177,10 @@ def worker_prune_lab(model, method: str, weight_bytes: int, n_weights: int) -> d
         masks = res.masks
     out["masks"] = p.record(weight_bytes)
     if method == "global_magnitude":  # weights tied with the threshold's magnitude, per layer (for the comparison)
-        t = max(float(w.detach().abs()[~masks[n]].max()) for n, w in session._params.items() if (~masks[n]).any())
+        t = max(float(w.detach().abs()[~masks[n]].max()) for n, w in session.snapshot.params.items()
+                if (~masks[n]).any())
         out["threshold"] = t
-        out["tied_with_threshold"] = [int((w.detach().abs() == t).sum()) for w in session._params.values()]
+        out["tied_with_threshold"] = [int((w.detach().abs() == t).sum()) for w in session.snapshot.params.values()]
     return out
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, 
 from _points import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEBOUNCE_S = 0.15
+DEBOUNCE_S = 0.1
 
 
 def _torchvision(name):
@@ -119,7 +119,7 @@ def lookahead_paths(n_points: int = 6) -> dict:
     """ResNet-50, magnitude/LAMP/LAP at a few resting points: the lookahead distortion of every layer computed
     directly (three-layer products per layer, as before this cache) vs from the cached factors and references."""
     from prune_lab.core.distortion import lookahead_distortion
-    from prune_lab.core.graph import bn_scales
+    from prune_lab.core.neighbours import bn_scales
 
     model, _ = _torchvision("resnet50")
     session = pl.PruneSession(model)

@@ -17,8 +17,7 @@ per round, keyed by the run's settings): an interrupted run resumes where it sto
 ``lamp_conv6[_quick]_layers.csv`` (per-layer sparsity at the last round), ``.md``, ``.json`` and two figures:
 ``.png`` (accuracy vs remaining weights) and ``_layers.png`` (layerwise sparsity at the last round).
 
-Allocation colours (a fixed palette of this script, Okabe–Ito): global #E69F00, uniform #56B4E9, uniform_plus
-#009E73, erk #CC79A7, lamp #D55E00.
+Allocation colours: the library's palette (``prune_lab.viz.color``), the same as in every prune_lab figure.
 """
 from __future__ import annotations
 
@@ -42,9 +41,8 @@ from _points import points_key, read_points, results_folder, script_parser, writ
 
 ALLOCATIONS = ("global", "uniform", "uniform_plus", "erk", "lamp")
 LABELS = {"global": "Global MP", "uniform": "Uniform", "uniform_plus": "Uniform+", "erk": "ERK", "lamp": "LAMP"}
-#: fixed allocation palette (Okabe–Ito, colour-blind safe); documented in the module docstring and the report
-ALLOC_COLORS = {"global": "#E69F00", "uniform": "#56B4E9", "uniform_plus": "#009E73", "erk": "#CC79A7",
-                "lamp": "#D55E00"}
+from prune_lab.viz import color  # noqa: E402  (the library's one palette, shared by every figure)
+
 FIELDS = ["key", "seed", "allocation", "round", "remaining_pct", "accuracy", "loss", "n_collapsed", "collapsed",
           "layer_sparsity", "seconds"]
 
@@ -258,68 +256,117 @@ def write_markdown(path: Path, s: dict, args):
               "- Scores: magnitude with each allocation (LAMP = magnitude + `lamp` allocation, identical to global "
               "LAMP scores); already-pruned weights stay pruned (masks nest round to round).",
               "- The paper's own numbers are not reproduced here (only its claims); check them in the PDF.",
-              "- Colours: a fixed palette of this script (Okabe–Ito): global #E69F00, uniform #56B4E9, "
-              "uniform_plus #009E73, erk #CC79A7, lamp #D55E00.", "",
+              "- Colours: the library's palette (`prune_lab.viz.color`), the same as in every prune_lab figure.",
+              "",
               f"One trajectory ({cfg['rounds']} rounds) took {s['seconds_per_trajectory']:.1f} s on average. "
               f"Machine: {s['machine']}."]
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(s: dict, path: Path, args):
-    from matplotlib.figure import Figure
+def _remaining_axis(ax, values):
+    """Remaining weights (%) on a log axis, falling to the right, ticks at 1-2-5 steps inside the data's range (the
+    data's own values when the range holds fewer than three of them)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    fig = Figure(figsize=(11, 4.2))
-    ax, ax2 = fig.subplots(1, 2)
-    for a in args.allocations:
-        pts = sorted((t["remaining_pct"], t["accuracy_mean"], t["accuracy_std"], t["min_layer_density_pct"])
-                     for t in s["table"] if t["allocation"] == a and t["round"] > 0)
-        if not pts:
-            continue
-        x, y, e, c = zip(*pts)
-        ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, color=ALLOC_COLORS[a], label=LABELS[a])
-        ax2.plot(x, c, marker="o", ms=3, color=ALLOC_COLORS[a], label=LABELS[a])
-    for a_ in (ax, ax2):
-        a_.set_xscale("log")
-        a_.invert_xaxis()
-        a_.set_xlabel("remaining weights (%, log scale)")
-        a_.xaxis.set_minor_locator(__import__('matplotlib').ticker.NullLocator())
-        a_.set_xticks(XT := sorted({round(float(v), 2) for v in a_.lines[0].get_xdata()}) if a_.lines else [])
-        a_.set_xticklabels([f'{v:g}' for v in XT], fontsize=6, rotation=90)
-        a_.grid(alpha=0.3, which="both")
-        a_.legend(fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Conv-6 on digits: iterative magnitude pruning")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("sparsest layer: remaining weights (%, log)")
-    ax2.set_title("toward layer collapse (0 % = a collapsed layer)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    lo, hi = min(values), max(values)
+    ax.set_xscale("log")
+    ax.set_xlim(hi * 1.15, lo / 1.15)  # inverted: sparser to the right
+    ticks = [m * 10.0 ** e for e in range(-3, 3) for m in (1, 2, 5) if lo / 1.15 <= m * 10.0 ** e <= hi * 1.15]
+    if len(ticks) < 3:
+        ticks = sorted({round(float(v), 2) for v in values})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("remaining weights (%, log scale)")
+
+
+def _log_percent_axis(ax, values):
+    """A log y-axis of percentages labelled in plain numbers (0.1, 1, 10, 100; 1-2-5 steps within two decades)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ax.set_yscale("log")
+    values = [v for v in values if v > 0]
+    wide = not values or max(values) / min(values) > 100
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def _style(i: int, a: str) -> dict:
+    """An allocation's line: its library colour, its own open marker, its display name."""
+    from prune_lab.viz.plots import MARKERS, method_label
+
+    c = color(a)
+    return dict(color=c, marker=MARKERS[i % len(MARKERS)], ms=4.5, mfc="none", mec=c, mew=1.1, lw=1.4,
+                label=method_label(a))
+
+
+def plot(s: dict, path: Path, args):
+    """Accuracy (mean ± std over seeds) and the sparsest layer's density vs remaining weights, one line per
+    allocation; one legend beside both panels. Returns the figure."""
+    from prune_lab.viz.plots import PlotFigure, paper_style
+
+    allocs = [a for a in args.allocations if any(t["allocation"] == a and t["round"] > 0 for t in s["table"])]
+    with paper_style():
+        fig = PlotFigure(figsize=(12, 4.2), layout="constrained")
+        ax, ax2 = fig.subplots(1, 2)
+        xs, dens = [], []
+        for i, a in enumerate(allocs):
+            pts = sorted((t["remaining_pct"], t["accuracy_mean"], t["accuracy_std"], t["min_layer_density_pct"])
+                         for t in s["table"] if t["allocation"] == a and t["round"] > 0)
+            x, y, e, c = zip(*pts)
+            xs += x
+            dens += c
+            bars = ax.errorbar(x, y, yerr=e, capsize=2, elinewidth=0.9, **_style(i, a))
+            for b in bars[2]:
+                b.set_alpha(0.55)  # the spread stays readable where five lines cross
+            ax2.plot(x, c, **_style(i, a))
+        for a_ in (ax, ax2):
+            if xs:
+                _remaining_axis(a_, xs)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title("Conv-6 on digits: iterative magnitude pruning")
+        _log_percent_axis(ax2, dens)
+        ax2.set_ylabel("remaining weights in the\nsparsest layer (%, log scale)")
+        ax2.set_title("Toward layer collapse (a collapsed layer: 0 %)")
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", frameon=False,
+                   title="allocation\n(magnitude scores)")
+        fig.savefig(path, dpi=130)
+    return fig
 
 
 def plot_layers(s: dict, path: Path):
-    from matplotlib.figure import Figure
+    """Remaining weights per layer at the last round, allocations side by side; legend beside the axes. Returns
+    the figure."""
+    from prune_lab.viz.plots import PlotFigure, method_label, paper_style
 
     names = list(s["layer_sizes"])
     allocs = list(dict.fromkeys(x["allocation"] for x in s["layers"]))
     lay = {(x["allocation"], x["layer"]): x for x in s["layers"]}
-    fig = Figure(figsize=(10, 4.2))
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(allocs), 1)
-    x = np.arange(len(names))
-    for i, a in enumerate(allocs):
-        dens = [100 * (1 - lay[(a, n)]["sparsity_mean"]) for n in names]
-        ax.bar(x + (i - (len(allocs) - 1) / 2) * width, dens, width, color=ALLOC_COLORS[a], label=LABELS[a])
-    ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{n.replace('.weight', '')}\n{s['layer_sizes'][n]:,}" for n in names], fontsize=7)
-    ax.set_xlabel("layer (number of weights), input → output")
-    ax.set_ylabel("remaining weights in the layer (%, log scale)")
-    rem = np.mean([t["remaining_pct"] for t in s["table"] if t["round"] == s["settings"]["rounds"]])
-    ax.set_title(f"Layerwise density at {rem:.2f} % remaining (round {s['settings']['rounds']}, mean over seeds)")
-    ax.grid(alpha=0.3, axis="y", which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    with paper_style():
+        fig = PlotFigure(figsize=(11, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+        width = 0.8 / max(len(allocs), 1)
+        x = np.arange(len(names))
+        for i, a in enumerate(allocs):
+            dens = [100 * (1 - lay[(a, n)]["sparsity_mean"]) for n in names]
+            ax.bar(x + (i - (len(allocs) - 1) / 2) * width, dens, width * 0.95, color=color(a),
+                   label=method_label(a), linewidth=0)
+        _log_percent_axis(ax, [100 * (1 - row["sparsity_mean"]) for row in s["layers"]])
+        ax.set_xticks(x, [f"{n.replace('.weight', '')}\n{s['layer_sizes'][n]:,}" for n in names])
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_xlabel("layer (number of weights), input → output")
+        ax.set_ylabel("remaining weights in the layer\n(%, log scale)")
+        rounds = s["settings"]["rounds"]
+        rem = np.mean([t["remaining_pct"] for t in s["table"] if t["round"] == rounds])
+        ax.set_title(f"Layerwise density at {rem:.2f} % remaining (round {rounds}, mean over seeds)")
+        ax.grid(False, axis="x")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  title="allocation\n(magnitude scores)")
+        fig.savefig(path, dpi=130)
+    return fig
 
 
 def main(argv=None):

@@ -146,7 +146,7 @@ def run(args) -> dict:
             net.eval()
             dense_err = 1.0 - pl.evaluate(net, data)["accuracy"]
             session = pl.PruneSession(net, data, device="cpu")
-            sizes = [int(np.prod(s)) for s in session._shapes]
+            sizes = [int(np.prod(s)) for s in session.snapshot.shapes]
             for k in args.ks:
                 sp = sparsity_of(k, sizes)
                 for m in args.methods:
@@ -285,34 +285,52 @@ def write_markdown(path: Path, s: dict, args):
 
 
 def plot(s: dict, path: Path, args):
-    from matplotlib.figure import Figure
+    """Test error (mean ± std over seeds) vs remaining weights, after retraining and one-shot, one line per method
+    (library colours and display names, an open marker each); one legend beside both panels. Returns the figure."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
-    from prune_lab.viz import method_color
+    from prune_lab.viz import color
+    from prune_lab.viz.plots import MARKERS, PlotFigure, method_label, paper_style
 
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
-    for ax, col, title in ((axes[0], "error", "after retraining"), (axes[1], "error_oneshot", "one-shot, no retraining")):
-        for m in args.methods:
-            pts = sorted((t["remaining_pct"], t[f"{col}_mean"], t[f"{col}_std"]) for t in s["table"]
-                         if t["method"] == m)
-            if pts:
+    methods = [m for m in args.methods if any(t["method"] == m for t in s["table"])]
+    xs = sorted({round(float(t["remaining_pct"]), 2) for t in s["table"]})
+    with paper_style():
+        fig = PlotFigure(figsize=(12, 4.2), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, col, title in ((axes[0], "error", "after retraining"),
+                               (axes[1], "error_oneshot", "one-shot, no retraining")):
+            for i, m in enumerate(methods):
+                pts = sorted((t["remaining_pct"], t[f"{col}_mean"], t[f"{col}_std"]) for t in s["table"]
+                             if t["method"] == m)
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=3, color=method_color(m), label=LABELS[m])
-        ax.axhline(s["dense_error_mean"], color="k", lw=0.8, ls=":", label="dense")
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("remaining weights (%, log scale)")
-        ax.xaxis.set_minor_locator(__import__('matplotlib').ticker.NullLocator())
-        ax.set_xticks(XT := sorted({round(float(v), 2) for v in ax.lines[0].get_xdata()}) if ax.lines else [])
-        ax.set_xticklabels([f'{v:g}' for v in XT], fontsize=7)
-        ax.set_ylabel("test error (%)")
-        if col == "error_oneshot":
-            ax.set_yscale("log")
-        ax.set_title(f"FCN, LAP allocation: {title}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+                c = color(m)
+                bars = ax.errorbar(x, y, yerr=e, marker=MARKERS[i % len(MARKERS)], ms=5, mfc="none", mec=c, mew=1.1,
+                                   lw=1.4, capsize=3, elinewidth=0.9, color=c, label=method_label(m))
+                for b in bars[2]:
+                    b.set_alpha(0.6)
+            ax.axhline(s["dense_error_mean"], color="k", lw=1.0, ls=":", label="dense network")
+            ax.set_xscale("log")
+            if xs:
+                ax.set_xlim(max(xs) * 1.25, min(xs) / 1.25)  # inverted: sparser to the right
+            ax.xaxis.set_major_locator(FixedLocator(xs))  # the paper's grid (Table 1's columns)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("remaining weights (%, log scale)")
+            ax.set_ylabel("test error (%, log scale)" if col == "error_oneshot" else "test error (%)")
+            if col == "error_oneshot":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # … 5, 10, 20, 50, 100
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_locator(NullLocator())
+            else:
+                ax.set_ylim(0, 100)
+            ax.set_title(f"FCN, LAP allocation: {title}")
+        handles, labels = axes[0].get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda j: labels[j] == "dense network")  # the methods first
+        fig.legend([handles[j] for j in order], [labels[j] for j in order], loc="outside right upper",
+                   frameon=False, title="method")
+        fig.savefig(path, dpi=130)
+    return fig
 
 
 def main(argv=None):

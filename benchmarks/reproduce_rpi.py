@@ -40,8 +40,10 @@ from prune_lab.models import stable  # noqa: E402,F401  (registers stable_resnet
 
 METHOD_LABELS = {"snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "random": "Random",
                  "global_magnitude": "Magnitude", "dense": "Dense"}
-COLORS = {"snip": "#1f77b4", "grasp": "#ff7f0e", "synflow": "#2ca02c", "random": "#7f7f7f",
-          "global_magnitude": "#9467bd", "dense": "#000000", "stable_resnet": "#d62728", "plain_resnet": "#8c564b"}
+from prune_lab.viz import color  # noqa: E402  (the library's one palette, shared by every figure)
+
+#: methods in their library colours, the dense lines black (the two ResNets: SNIP's colour, two line styles)
+COLORS = {**{m: color(m) for m in ("snip", "grasp", "synflow", "random", "global_magnitude")}, "dense": "#000000"}
 # ReLU: EOC (σ_w, σ_b) = (√2, 0). Ordered phase: σ_w < √2 with σ_b > 0: the forward variance settles at a fixed
 # point while gradients shrink by σ_w²/2 per layer (with σ_b = 0 forward and backward shrink alike and SNIP's
 # per-layer score scale stays flat).
@@ -269,48 +271,100 @@ def verdicts(summary: pd.DataFrame, chance: float) -> list:
     return out
 
 
-def figure(summary: pd.DataFrame):
-    from matplotlib.figure import Figure
+#: the four FFNN set-ups: (line style, marker, name in the legend) by (init, rescaled)
+SETUPS = {("eoc", True): ("-", "o", "EOC + rescaling"), ("eoc", False): ("--", "s", "EOC"),
+          ("ordered", True): (":", "^", "ordered + rescaling"), ("ordered", False): ("-.", "v", "ordered")}
+INIT_NAMES = {"eoc": "EOC", "ordered": "ordered"}
 
-    fig = Figure(figsize=(15, 4.4), layout="constrained")
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    ff = summary[(summary.experiment == "ffnn") & (summary.method != "dense")]
-    styles = {("eoc", True): ("-", "o", "EOC + rescale"), ("eoc", False): ("--", "s", "EOC"),
-              ("ordered", True): (":", "^", "ordered + rescale"), ("ordered", False): ("-.", "v", "ordered")}
-    for (method, init, rescale), grp in ff.groupby(["method", "init", "rescale"]):
-        ls, mk, lab = styles[(init, bool(rescale))]
-        grp = grp.sort_values("sparsity")
-        ax1.errorbar(100 * grp.sparsity, 100 * grp.acc_mean, yerr=100 * grp.acc_std.fillna(0), color=COLORS[method],
-                     ls=ls, marker=mk, capsize=3, label=f"{METHOD_LABELS[method]}, {lab}")
-    dense = summary[(summary.experiment == "ffnn") & (summary.method == "dense")]
-    for r in dense.itertuples():
-        ax1.axhline(100 * r.acc_mean, color=COLORS["dense"], lw=0.8,
-                    ls="-" if r.init == "eoc" else "-.", label=f"Dense, {r.init}")
-    ax1.set_xlabel("sparsity (%)")
-    ax1.set_ylabel("test accuracy after training (%)")
-    ax1.set_title("Deep ReLU FFNN, pruned at init")
-    ax1.legend(fontsize=6, ncol=2)
-    col = summary[summary.experiment == "collapse"]
-    crit = (col if len(col) else ff).groupby(["method", "init"]).s_cr.mean().reset_index()
-    labels = [f"{METHOD_LABELS[m]}\n{i}" for m, i in zip(crit.method, crit.init)]
-    ax2.bar(range(len(crit)), 100 * crit.s_cr, color=[COLORS[m] for m in crit.method],
-            hatch=None, edgecolor="black")
-    for i, (m, init) in enumerate(zip(crit.method, crit.init)):
-        if init == "ordered":
-            ax2.patches[i].set_hatch("//")
-    ax2.set_xticks(range(len(crit)), labels, fontsize=7, rotation=40, ha="right")
-    ax2.set_ylabel("critical sparsity s_cr (%)")
-    ax2.set_ylim(min(80.0, float(100 * crit.s_cr.min()) - 2), 100)
-    ax2.set_title("Critical sparsity (hatched: ordered init)")
-    res = summary[summary.experiment == "resnet"]
-    for model, grp in res.groupby("model"):
-        grp = grp.sort_values("sparsity")
-        ax3.errorbar(100 * grp.sparsity, 100 * grp.acc_mean, yerr=100 * grp.acc_std.fillna(0), color=COLORS[model],
-                     marker="o", capsize=3, label=model.replace("_", " "))
-    ax3.set_xlabel("sparsity (%)")
-    ax3.set_ylabel("test accuracy after training (%)")
-    ax3.set_title("SNIP on Stable vs plain ResNet")
-    ax3.legend(fontsize=8)
+
+def figure(summary: pd.DataFrame):
+    """Three panels: FFNN accuracy vs sparsity (colour = method, line style and marker = init and rescaling, the
+    dense networks as black lines), the critical sparsity of each method's scores, SNIP on the Stable vs plain
+    ResNet. Library colours and display names; every legend below its panel, outside the data. Returns the
+    figure."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from prune_lab.viz.plots import PlotFigure, method_label, paper_style
+
+    def ordered(names):  # this script's method order, then any other name
+        names = set(names)
+        return [m for m in METHOD_LABELS if m in names] + sorted(names - set(METHOD_LABELS))
+
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # under the x-axis label
+    with paper_style():
+        fig = PlotFigure(figsize=(15, 5.6), layout="constrained")
+        ax1, ax2, ax3 = fig.subplots(1, 3)
+        ff = summary[(summary.experiment == "ffnn") & (summary.method != "dense")]
+        methods = ordered(ff.method)
+        for (method, init, rescale), grp in ff.groupby(["method", "init", "rescale"]):
+            ls, mk, _ = SETUPS[(init, bool(rescale))]
+            grp = grp.sort_values("sparsity")
+            c = color(method)
+            bars = ax1.errorbar(100 * grp.sparsity, 100 * grp.acc_mean, yerr=100 * grp.acc_std.fillna(0), color=c,
+                                ls=ls, marker=mk, ms=5, mfc="none", mec=c, mew=1.1, lw=1.4, capsize=3,
+                                elinewidth=0.9)
+            for b in bars[2]:
+                b.set_alpha(0.6)
+        dense = summary[(summary.experiment == "ffnn") & (summary.method == "dense")]
+        for r in dense.itertuples():
+            ax1.axhline(100 * r.acc_mean, color=COLORS["dense"], lw=1.0, ls="-" if r.init == "eoc" else "-.")
+        ax1.set_xlabel("sparsity (% of weights removed)")
+        ax1.set_ylabel("test accuracy after training (%)")
+        ax1.set_ylim(0, 100)
+        ax1.set_title("Deep ReLU FFNN, pruned at init")
+        used = set(zip(ff.init, ff.rescale.astype(bool)))
+        method_handles = [Line2D([], [], color=color(m), lw=2.5, label=method_label(m)) for m in methods]
+        setup_handles = [Line2D([], [], color="0.45", ls=ls, marker=mk, mfc="none", lw=1.4, label=name)
+                         for key, (ls, mk, name) in SETUPS.items() if key in used]
+        dense_handles = [Line2D([], [], color=COLORS["dense"], lw=1.0, ls="-" if r.init == "eoc" else "-.",
+                                label=f"dense network, {INIT_NAMES.get(r.init, r.init)}") for r in dense.itertuples()]
+        # two legends side by side under the panel: colour = method, line style = init (and the dense lines)
+        ax1.add_artist(ax1.legend(handles=method_handles, title="method", loc="upper right",
+                                  bbox_to_anchor=(0.48, -0.2), frameon=False))
+        ax1.legend(handles=setup_handles + dense_handles, title="initialization", loc="upper left",
+                   bbox_to_anchor=(0.52, -0.2), frameon=False)
+
+        col = summary[summary.experiment == "collapse"]
+        crit = (col if len(col) else ff).groupby(["method", "init"]).s_cr.mean()
+        crit_methods = ordered(crit.index.get_level_values("method"))
+        inits = [i for i in INIT_NAMES if i in set(crit.index.get_level_values("init"))]
+        width = 0.8 / max(len(inits), 1)
+        for j, init in enumerate(inits):
+            xs = [k + (j - (len(inits) - 1) / 2) * width for k, m in enumerate(crit_methods) if (m, init) in crit]
+            ms = [m for m in crit_methods if (m, init) in crit]
+            ax2.bar(xs, [100 * crit[(m, init)] for m in ms], width * 0.92, color=[color(m) for m in ms],
+                    edgecolor="black", linewidth=0.8, hatch="//" if init == "ordered" else None)
+        ax2.set_xticks(range(len(crit_methods)), [method_label(m).replace(" ", "\n") for m in crit_methods])
+        ax2.set_xlabel("method")
+        ax2.set_ylabel("critical sparsity of the scores (%)")
+        ax2.set_ylim(min(80.0, float(100 * crit.min()) - 2), 100)
+        ax2.set_xlim(-0.6, len(crit_methods) - 0.4)
+        ax2.grid(False, axis="x")
+        ax2.set_title("Critical sparsity at initialization")
+        ax2.legend(handles=[Patch(facecolor="white", edgecolor="black", label="EOC"),
+                            Patch(facecolor="white", edgecolor="black", hatch="//", label="ordered")],
+                   title="initialization", ncol=2, **below)
+
+        res = summary[summary.experiment == "resnet"]
+        snip = color("snip")
+        model_styles = {"stable_resnet": ("-", "o", "Stable ResNet (branches × 1/√L)"),
+                        "plain_resnet": ("--", "s", "plain ResNet")}
+        models = set(res.model)
+        for model in [m for m in model_styles if m in models] + sorted(models - set(model_styles)):
+            ls, mk, name = model_styles.get(model, (":", "^", str(model).replace("_", " ")))
+            grp = res[res.model == model].sort_values("sparsity")
+            ax3.errorbar(100 * grp.sparsity, 100 * grp.acc_mean, yerr=100 * grp.acc_std.fillna(0), color=snip, ls=ls,
+                         marker=mk, ms=5, mfc="none", mec=snip, mew=1.1, lw=1.4, capsize=3, elinewidth=0.9,
+                         label=name)
+        ax3.set_xlabel("sparsity (% of weights removed)")
+        ax3.set_ylabel("test accuracy after training (%)")
+        ax3.set_title(f"{method_label('snip')} on Stable vs plain ResNet")
+        if len(res):
+            ax3.legend(title="model", **below)
+        # the legends hang from the axes, which the layout then moves: one layout pass now, so that the first
+        # drawing (the saved image) already has room for them
+        fig.draw_without_rendering()
     return fig
 
 

@@ -10,12 +10,12 @@ from .core import pai
 from .core.allocation import get_allocation, list_allocations
 from .core.graph import build_graph, prunable_parameters
 from .analysis import PruneSession
-from .engine import IterativeResult, PruneResult, iterative_prune, prune, score
+from .engine import IterativeResult, PruneResult, Query, iterative_prune, prune, score
 from .methods import get_method, list_methods
 from .training import evaluate, perplexity, pretrained, recalibrate_bn, train
 
 __all__ = [
-    "IterativeResult", "PruneResult", "PruneSession", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_allocation", "get_method", "pai",
+    "IterativeResult", "PruneResult", "PruneSession", "Query", "__version__", "analysis", "build_graph", "data", "evaluate", "export", "iterative_prune", "get_allocation", "get_method", "pai",
     "list_allocations", "list_methods", "models", "perplexity", "pretrained", "prunable_parameters", "prune",
     "recalibrate_bn", "score", "train", "training",
 ]

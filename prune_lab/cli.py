@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import data as pl_data
 from . import models as pl_models
 from .core.allocation import get_allocation, list_allocations
-from .engine import PruneSession
+from .analysis import PruneSession
 from .methods import get_method, list_methods
 from .training import pretrained
 
@@ -75,24 +75,29 @@ def cmd_prune(args) -> int:
 
 
 def cmd_report(args) -> int:
-    """The lab's figures and tables without Jupyter: layer sparsity, distortion and accuracy curves."""
+    """The lab's figures and tables without Jupyter: layer sparsity, distortion and accuracy curves (no accuracy
+    figure with ``--data none``: a torchvision architecture at random init, data-free methods only)."""
     import json
 
     from . import __version__
-    from .analysis import PruneSession as AnalysisSession
     from .analysis import layer_table
     from .viz import plot_accuracy_curve, plot_distortion, plot_layer_sparsity, save_figure
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         get_method(m)
-    maker = DATASETS[args.data]
-    bundle = maker(root=args.data_root) if args.data != "digits" else maker()
+    if args.data == "none":
+        bundle = None
+        if not (args.model.startswith("torchvision:") or args.model not in pl_models.list_models()):
+            raise ValueError(f"--data none: the zoo model {args.model!r} is trained on data; use a torchvision "
+                             f"architecture (e.g. torchvision:resnet50, random init) or give --data.")
+    else:
+        maker = DATASETS[args.data]
+        bundle = maker(root=args.data_root) if args.data != "digits" else maker()
     model, _ = _load_model(args.model, bundle, args.device)
-    session = AnalysisSession(model, bundle, device=args.device)
+    session = PruneSession(model, bundle, device=args.device)
     out = Path(args.out)
     grid = sorted(set(args.grid) | {args.sparsity})
-    curve = session.sweep(methods, grid, allocations=args.allocation, progress=args.progress)
     results = {m: session.prune(m, args.sparsity, allocation=args.allocation) for m in methods}
     table = layer_table(results).assign(method=lambda d: d.label)
     dist = pd.concat([session.distortion(r).assign(method=m) for m, r in
@@ -101,14 +106,17 @@ def cmd_report(args) -> int:
     written += save_figure(plot_layer_sparsity(table, title=f"Layerwise sparsity at {args.sparsity:g}"),
                            out / "layer_sparsity")
     written += save_figure(plot_distortion(dist), out / "distortion")
-    written += save_figure(plot_accuracy_curve(curve, current=args.sparsity if args.current_line else None,
-                                               dense=session.evaluate()["accuracy"]), out / "accuracy")
+    if bundle is not None:
+        curve = session.sweep(methods, grid, allocations=args.allocation, progress=args.progress)
+        written += save_figure(plot_accuracy_curve(curve, current=args.sparsity if args.current_line else None,
+                                                   dense=session.evaluate()["accuracy"]), out / "accuracy")
     dist.to_csv(out / "distortion_table.csv", index=False)
     settings = {"model": args.model, "data": args.data, "model_fingerprint": session.fingerprint,
-                "methods": methods, "allocation": args.allocation, "sparsity": args.sparsity, "grid": grid,
+                "methods": methods, "allocation": args.allocation, "sparsity": args.sparsity,
+                "grid": grid if bundle is not None else None,
                 "prune_lab_version": __version__}
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {len(written) + 2} files to {out}")
+    print(f"wrote {len(written) + 2} files to {out.resolve()}")
     return 0
 
 
@@ -139,7 +147,6 @@ def load_sweep_config(path) -> dict:
 
 def cmd_sweep(args) -> int:
     """Accuracy over methods × allocations × sparsities × seeds (× fine-tuning), locally or on a Ray cluster."""
-    from .analysis import PruneSession as AnalysisSession
 
     cfg = load_sweep_config(args.config)
     for key in ("backend", "address", "workers", "cache_dir", "out"):
@@ -150,7 +157,7 @@ def cmd_sweep(args) -> int:
     maker = DATASETS[cfg["data"]]
     bundle = maker(root=cfg["data_root"]) if cfg["data"] != "digits" else maker()
     model, _ = _load_model(cfg["model"], bundle, cfg["device"])
-    session = AnalysisSession(model, bundle, device=cfg["device"])
+    session = PruneSession(model, bundle, device=cfg["device"])
     df = session.sweep(cfg["methods"], cfg["sparsities"], allocations=cfg["allocations"], seeds=cfg["seeds"],
                        finetune=cfg["finetune"], recalibrate_bn=cfg["recalibrate_bn"], progress=args.progress,
                        backend=cfg["backend"], workers=cfg["workers"], address=cfg["address"],
@@ -185,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     r = sub.add_parser("report", help="write the lab's figures (PNG/PDF/SVG) and tables (CSV) to a folder")
     r.add_argument("--model", default="mlpnet")
-    r.add_argument("--data", default="digits", choices=list(DATASETS))
+    r.add_argument("--data", default="digits", choices=[*DATASETS, "none"],
+                   help="none: no accuracy figure (a torchvision architecture at random init)")
     r.add_argument("--data-root", default=None)
     r.add_argument("--methods", default="magnitude,global_magnitude,lamp,lap", help="comma-separated")
     r.add_argument("--allocation", default=None, choices=list_allocations())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import warnings
 from typing import Mapping
 
 import torch
@@ -99,11 +98,9 @@ def _check_origin(model: nn.Module, result, weights: dict | None, what: str) -> 
     recorded = getattr(result, "model_fingerprint", None)
     if weights is None or not recorded:
         return
-    from .engine.session import PruneSession
+    from .engine import fingerprint
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tied-weight notes were given when the result was made
-        current = PruneSession(model, device="cpu").fingerprint
+    current = fingerprint(model)  # tied-weight notes were given when the result was made
     if current != recorded:
         raise ValueError(
             f"{what}: this result carries updated weights (method {getattr(result, 'method', '?')!r}) computed on a "

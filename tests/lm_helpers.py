@@ -4,7 +4,8 @@ import functools
 import warnings
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, OPTConfig, OPTForCausalLM)
 
 VOCAB = 128
 
@@ -14,6 +15,34 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    """A tiny OPT (its ``lm_head`` tied to the input embedding)."""
+    torch.manual_seed(seed)
+    return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64,
+                                    word_embed_proj_dim=32)).eval()
+
+
+def tiny_gpt_neox(seed: int = 0) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            max_position_embeddings=64)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A tiny GPT-2 with its ``Conv1D`` layers turned into ``nn.Linear`` (:func:`prune_lab.models.conv1d_to_linear`)."""
+    import prune_lab as pl
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    return pl.models.conv1d_to_linear(model)
+
+
+TINY_LMS = {"llama": tiny_llama, "opt": tiny_opt, "gpt_neox": tiny_gpt_neox, "gpt2": tiny_gpt2}
 
 
 def pattern_ids(n: int, seq_len: int, seed: int, noise: float = 0.1) -> torch.Tensor:

@@ -34,7 +34,9 @@ def test_report_writes_figures_and_tables(tmp_path, capsys, monkeypatch):
     assert main(["report", "--methods", "magnitude,lamp", "--grid", "0", "0.5", "--sparsity", "0.8",
                  "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert currents == [None]  # a figure for a paper: no dashed "current" line unless asked
-    assert "label" in (out / "layer_sparsity.csv").read_text().splitlines()[0]
+    layers = pd.read_csv(out / "layer_sparsity.csv")
+    assert list(layers.columns[:2]) == ["method", "label"]  # the id and the display name, side by side
+    assert set(layers["label"]) == {"Magnitude (MP)", "LAMP"}
     for stem in ("layer_sparsity", "distortion", "accuracy"):
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / f"{stem}.pdf").exists() and (out / f"{stem}.svg").exists() and (out / f"{stem}.csv").exists()
@@ -42,6 +44,31 @@ def test_report_writes_figures_and_tables(tmp_path, capsys, monkeypatch):
     assert '"sparsity": 0.8' in (out / "settings.json").read_text()
     assert main(["report", "--methods", "magnitude,lampp", "--out", str(out), "--no-progress"]) == 2
     assert "Did you mean 'lamp'" in capsys.readouterr().err
+
+
+def test_report_without_data_writes_the_layer_figures_only(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import prune_lab.cli as cli
+
+    def small(name, bundle, device):  # stands in for a torchvision architecture at random init
+        assert name == "torchvision:tiny" and bundle is None
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                  torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
+        return net.eval(), False
+
+    monkeypatch.setattr(cli, "_load_model", small)
+    out = tmp_path / "figs"
+    assert main(["report", "--model", "torchvision:tiny", "--data", "none", "--methods", "magnitude,lamp",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert str(out.resolve()) in capsys.readouterr().out
+    for stem in ("layer_sparsity", "distortion"):
+        assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" and (out / f"{stem}.pdf").exists()
+    assert not (out / "accuracy.png").exists()  # no data: no accuracy figure
+    assert '"grid": null' in (out / "settings.json").read_text()
+    assert main(["report", "--model", "mlpnet", "--data", "none", "--out", str(out), "--no-progress"]) == 2
+    assert "use a torchvision architecture" in capsys.readouterr().err
 
 
 SWEEP_YAML = """

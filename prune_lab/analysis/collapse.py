@@ -11,7 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..core.graph import build_graph, input_channel_index
+from ..core.graph import build_graph
+from ..core.neighbours import input_channel_index
 
 __all__ = ["critical_sparsity", "layer_collapse", "effective_sparsity", "effective_masks"]
 

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from ..core.capture import eval_mode
+
 
 def model_output(model, x, overrides, mask=None) -> torch.Tensor:
     """The model's output (the logits of a ``transformers`` output) as float32 on the CPU; ``mask``: the attention
     mask of token ids ``x``."""
     from ..models.hf import forward_kwargs, output_logits
 
-    modes = [(m, m.training) for m in model.modules()]
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
-        with torch.no_grad():
-            x = x.to(dev)
-            kw = {} if mask is None else forward_kwargs(model, mask.to(dev))
-            out = torch.func.functional_call(model, overrides, (x,), kw) if overrides else model(x, **kw)
-            return output_logits(out).float().cpu()
-    finally:
-        for m, t in modes:
-            m.training = t
+    with eval_mode(model), torch.no_grad():
+        x = x.to(dev)
+        kw = {} if mask is None else forward_kwargs(model, mask.to(dev))
+        out = torch.func.functional_call(model, overrides, (x,), kw) if overrides else model(x, **kw)
+        return output_logits(out).float().cpu()

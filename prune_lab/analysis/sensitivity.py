@@ -4,10 +4,10 @@ evaluated each time — the classic "sensitivity analysis" of compression toolki
 ``session.sensitivity(method, grid, metric=...)`` (:func:`sensitivity`) returns a tidy DataFrame, one row per
 (layer, sparsity). A point is a lookup in the session's cached ranking of ``method`` (one sort for every point) plus
 one evaluation with a single layer's mask applied through ``functional_call``; sparsity-dependent methods (sequential
-LAP, SynFlow, the OBS family) go through ``session.prune`` with every other layer locked dense (``overrides``).
+LAP, SynFlow, the OBS family) go through ``session.prune_query`` with every other layer locked dense (``overrides``).
 
-Points are cached by content like sweep points (weights fingerprint, data identity, method, hyperparameters,
-seed, layer, sparsity, what is measured), in the session and, with ``cache_dir``, in a
+Points are cached by content like sweep points (weights fingerprint, data identity, the point's
+:class:`~prune_lab.engine.query.Query`, layer, what is measured), in the session and, with ``cache_dir``, in a
 :class:`~prune_lab.analysis.sweeps.ResultStore` folder; an interrupted run (Ctrl-C, or ``stop.set()`` from another
 thread) returns what it finished and a second call computes only the rest. ``backend="local"`` with ``workers`` > 1
 and ``backend="ray"`` run the points on the sweep backends.
@@ -26,8 +26,7 @@ import json
 import threading
 import time
 import warnings
-import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -37,12 +36,13 @@ from tqdm.auto import tqdm
 from ..core.allocation import SensitivityTable, equalise_counts, list_allocations
 from ..core.validation import check_choice, check_int, check_sparsity, round_half_up
 from ..data import calibration_batch
+from ..engine.query import Query
 from ..methods import get_method
 from ..training import evaluate
 from .outputs import model_output as _forward
 from .sweeps import ResultStore, check_backend, make_payload, run_local_pool, run_ray
 
-SCHEMA = 1  # bump when what a point computes changes
+SCHEMA = 2  # bump when what a point computes or how it is keyed changes
 METRICS = ("accuracy", "loss", "perplexity", "output_distortion")
 HIGHER_IS_BETTER = frozenset({"accuracy"})
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -54,24 +54,38 @@ COLUMNS = ["layer", "order", "n_weights", "sparsity", "layer_sparsity", "pruned"
 
 @dataclass(frozen=True)
 class SensitivityPoint:
-    """One layer pruned alone to one sparsity. ``kind``: ``"evaluate"`` (accuracy and loss, perplexity for token
-    data, on held-out data) or ``"output_distortion"`` (on a batch of inputs); ``hp``: sorted ``(name, repr)``
-    pairs; ``via``: ``"ranking"`` (the cached ranking, one layer's mask) or ``"prune"`` (``session.prune`` with the
-    other layers locked dense)."""
+    """One layer pruned alone to one sparsity: ``query`` is that pruning as a
+    :class:`~prune_lab.engine.query.Query` (the method at the point's sparsity, allocation ``uniform``, every other
+    layer locked dense by ``overrides``), ``layer`` the layer pruned; ``kind``: ``"evaluate"`` (accuracy and loss,
+    perplexity for token data, on held-out data) or ``"output_distortion"`` (on a batch of inputs); ``via``:
+    ``"ranking"`` (the cached ranking, one layer's mask) or ``"prune"`` (``session.prune_query(query)``): both give
+    the same masks, so the key leaves it out."""
 
-    method: str
+    query: Query
     layer: str
-    sparsity: float
     kind: str
-    seed: int | None
-    hp: tuple = ()
     via: str = "ranking"
+
+    @classmethod
+    def make(cls, method: str, layer: str, sparsity: float, kind: str, layers, *, seed: int = 0, hp=None,
+             via: str = "ranking") -> "SensitivityPoint":
+        """The point of ``layer`` (one of ``layers``, the model's prunable layers) at ``sparsity``."""
+        others = {n: 0.0 for n in layers if n != layer}
+        query = Query.make(method, sparsity, allocation="uniform", seed=seed, overrides=others, **(hp or {}))
+        return cls(query, layer, kind, via)
+
+    @property
+    def method(self) -> str:
+        return self.query.method
+
+    @property
+    def sparsity(self) -> float:
+        return self.query.sparsity
 
     def key(self, fingerprint: str, data_id: str) -> str:
         """The content address of this point on these weights and this data (or batch)."""
-        fields = {k: v for k, v in asdict(self).items() if k != "via"}  # both ways give the same masks
         blob = json.dumps({"schema": SCHEMA, "kind_of_point": "sensitivity", "model": fingerprint, "data": data_id,
-                           **fields}, sort_keys=True, default=list)
+                           "query": self.query.key, "layer": self.layer, "kind": self.kind}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
     def label(self) -> str:
@@ -86,36 +100,21 @@ def _short(name: str) -> str:
     return name[:-7] if name.endswith(".weight") else name
 
 
-def _items(d) -> tuple:
-    return tuple(sorted((str(k), repr(v)) for k, v in (d or {}).items()))
-
-
-def _undo(items: tuple) -> dict:
-    import ast
-
-    return {k: ast.literal_eval(v) for k, v in items}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # one point
 # ----------------------------------------------------------------------------------------------------------------
-_DENSE_OUT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # session → {(fingerprint, batch id): out}
-
-
 def _layer_mask(session, point: SensitivityPoint) -> tuple:
     """``(masks, weights, pruned, n)`` for ``point``: only the pruned layer's mask (``via="ranking"``), or the
     engine's result with every other layer locked dense (``via="prune"``)."""
-    hp = _undo(point.hp)
-    seed = 0 if point.seed is None else point.seed
+    q = point.query
     if point.via == "ranking":
-        lr = session.ranking(point.method, seed=seed, **hp).subset([point.layer])
+        lr = session.ranking(q.method, seed=q.seed or 0, **q.hp).subset([point.layer])
         n = lr.layers[point.layer].numel
-        c = round_half_up(point.sparsity * n)
+        c = round_half_up(q.sparsity * n)
         return lr.masks([c]), None, c, n
-    others = {n: 0.0 for n in session.layer_names if n != point.layer}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a layer emptied on purpose is not news here
-        res = session.prune(point.method, point.sparsity, allocation="uniform", seed=seed, overrides=others, **hp)
+        res = session.prune_query(q)
     i = res.layers.index(point.layer)
     return res.masks, res.weights, res.pruned[i], res.numel[i]
 
@@ -136,13 +135,8 @@ def compute_sensitivity_point(session, point: SensitivityPoint, data) -> dict:
         for name, m in masks.items():
             w = weights[name] if weights is not None else params[name].detach()
             overrides[name] = w.to(params[name].device, params[name].dtype) * m.to(params[name].device)
-        store = _DENSE_OUT.setdefault(session, {})
-        key = (session.fingerprint, session._data_id(data))
-        dense = store.get(key)
-        if dense is None:
-            dense = _forward(session.model, data, None)
-            store.clear()
-            store[key] = dense
+        key = (session.fingerprint, session.data_id(data))
+        dense = session.memo.slot("sensitivity_dense_out", key, lambda: _forward(session.model, data, None))
         out = _forward(session.model, data, overrides)
         per = (dense - out).flatten(1).norm(dim=1) / dense.flatten(1).norm(dim=1).clamp_min(1e-30)
         row["output_distortion"] = float(per.mean())
@@ -217,11 +211,9 @@ def _resolve(session, method, grid, metric, layers, data, batch, n_calibration, 
             raise ValueError(f"metric {metric!r} is not measured on this data (the evaluation gives "
                              f"{', '.join(sorted(ref))}); 'perplexity' needs token data (a causal LM).")
         dense = float(ref[metric])
-    hpo = spec.make_hyperparameters(**hp)  # validates names and values now, not in the first point
-    del hpo
-    point_seed = seed if spec.stochastic else None
-    points = [SensitivityPoint(spec.name, n, s, kind, point_seed, _items(hp), via) for n in layers for s in grid]
-    fingerprint, data_id = session.fingerprint, session._data_id(data)
+    points = [SensitivityPoint.make(spec.name, n, s, kind, all_layers, seed=seed, hp=hp, via=via)
+              for n in layers for s in grid]  # the first one validates the hyperparameters
+    fingerprint, data_id = session.fingerprint, session.data_id(data)
     return _Plan(points, [p.key(fingerprint, data_id) for p in points], metric, data, data_id, dense, fingerprint,
                  layers, {n: i for i, n in enumerate(all_layers)})
 

@@ -1,8 +1,9 @@
 """Sweeps that outlive the notebook: sweep points, a content-addressed result store, and the backends that run them.
 
-A sweep point is one (method, allocation, sparsity, seed, fine-tuning, hyperparameters, BN recalibration); its
-key hashes the point together with the model's weight fingerprint and the data's content identity, so a result is
-found again by whoever computes the same thing, on any machine, in any later run.
+A sweep point is a :class:`~prune_lab.engine.query.Query` (method, allocation, sparsity, hyperparameters, seed)
+plus the fine-tuning and BN recalibration settings; its key hashes the point (the query by its content key) together
+with the model's weight fingerprint and the data's content identity, so a result is found again by whoever computes
+the same thing, on any machine, in any later run. :func:`sweep` runs a grid of them on a session.
 
 Backends (``session.sweep(..., backend=...)``):
 
@@ -24,6 +25,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -31,41 +33,56 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import cloudpickle
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-SCHEMA = 1  # bump when what a point computes changes: old store entries are then never matched
+from ..core.validation import check_choice
+from ..engine.query import Query
+
+SCHEMA = 2  # bump when what a point computes or how it is keyed changes: old store entries are then never matched
 BACKENDS = ("local", "ray")
+COLUMNS = ["method", "allocation", "sparsity", "seed", "achieved_sparsity", "accuracy", "loss", "finetuned"]
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One point of a sweep. ``finetune`` and ``hp``: sorted ``(name, repr(value))`` pairs (hashable)."""
+    """One point of a sweep: a :class:`~prune_lab.engine.query.Query` (what is pruned), the ``seed`` (of the
+    fine-tuning, and of the method when it is stochastic), ``finetune`` (sorted ``(name, repr(value))`` pairs of
+    :func:`prune_lab.train` arguments) and whether BatchNorm statistics are re-estimated before evaluating."""
 
-    method: str
-    allocation: str | None
-    sparsity: float
-    seed: int
+    query: Query
+    seed: int = 0
     finetune: tuple = ()
-    hp: tuple = ()
     recalibrate_bn: bool = False
-    seeded: bool = True  # False when nothing depends on the seed (a deterministic method, no fine-tuning)
 
     @classmethod
-    def make(cls, method, allocation, sparsity, seed, finetune=None, hp=None, recalibrate_bn=False):
-        from ..methods import get_method
+    def make(cls, method, allocation, sparsity, seed, finetune=None, hp=None, recalibrate_bn=False) -> "SweepPoint":
+        query = Query.make(method, sparsity, allocation=allocation, seed=seed, **(hp or {}))
+        return cls(query, int(seed), _items(finetune), bool(recalibrate_bn))
 
-        seeded = bool(finetune) or get_method(method).stochastic
-        return cls(method, allocation, float(sparsity), int(seed), _items(finetune), _items(hp),
-                   bool(recalibrate_bn), seeded)
+    @property
+    def method(self) -> str:
+        return self.query.method
+
+    @property
+    def allocation(self) -> str:
+        return self.query.allocation
+
+    @property
+    def sparsity(self) -> float:
+        return self.query.sparsity
+
+    @property
+    def seeded(self) -> bool:
+        """Whether anything depends on the seed (a stochastic method, fine-tuning); seeds share one key if not."""
+        return bool(self.finetune) or self.query.seed is not None
 
     def key(self, fingerprint: str, data_id: str) -> str:
-        """The content address: this point on these weights and this data (seeds share one address when nothing
-        depends on them)."""
-        fields = asdict(self)
-        if not self.seeded:
-            fields["seed"] = None
-        blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_id, **fields},
-                          sort_keys=True, default=list)
+        """The content address: this point on these weights and this data."""
+        blob = json.dumps({"schema": SCHEMA, "model": fingerprint, "data": data_id, "query": self.query.key,
+                           "seed": self.seed if self.seeded else None, "finetune": self.finetune,
+                           "recalibrate_bn": self.recalibrate_bn}, sort_keys=True, default=list)
         return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
     def label(self) -> str:
@@ -74,12 +91,99 @@ class SweepPoint:
     def run(self, session, data) -> list:
         """The point's rows, computed on ``session`` (a point type tells the backends how it is computed: layer
         sensitivity points run through the same store and backends)."""
-        return session._sweep_point(self.method, self.allocation, self.sparsity, self.seed, _undo(self.finetune),
-                                    data, _undo(self.hp), self.recalibrate_bn)
+        return evaluate_point(session, self, data)
+
+
+def evaluate_point(session, point: SweepPoint, data) -> list:
+    """The rows of one sweep point: the pruned network evaluated (and, with ``point.finetune``, a fine-tuned copy),
+    through the session's caches (``session.prune_query``, ``session.evaluate``)."""
+    res = session.prune_query(point.query)
+    base = {"method": point.method, "allocation": point.allocation, "sparsity": point.sparsity, "seed": point.seed,
+            "achieved_sparsity": res.sparsity}
+    rows = [{**base, **session.evaluate(res, data, recalibrate_bn=point.recalibrate_bn), "finetuned": False}]
+    if point.finetune:
+        tuned = session.finetuned_evaluation(res, data, seed=point.seed, **_undo(point.finetune))
+        rows.append({**base, **tuned, "finetuned": True})
+    return rows
 
 
 def _items(d) -> tuple:
     return tuple(sorted((str(k), repr(v)) for k, v in (d or {}).items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a whole sweep
+# ----------------------------------------------------------------------------------------------------------------
+def sweep(session, methods, sparsities, *, allocations=None, seeds=(0,), finetune: dict | None = None, data=None,
+          recalibrate_bn: bool = False, progress: bool = True, backend: str = "local", workers: int | None = None,
+          cache_dir=None, address: str | None = None, retries: int = 3, **hp) -> pd.DataFrame:
+    """Accuracy and loss over methods × allocations × sparsities × seeds: a row per point with ``method,
+    allocation, sparsity, seed, achieved_sparsity, accuracy, loss, finetuned`` (a second row per point with
+    ``finetuned=True`` when ``finetune`` — keyword arguments of :func:`prune_lab.train`, e.g.
+    ``{"epochs": 1}`` — is given). ``recalibrate_bn``: evaluate each pruned network after re-estimating its
+    BatchNorm statistics. ``allocations``: ``None`` (each method's paper default), a name, or a list of names.
+
+    Every point is cached by content (weights fingerprint, data identity, the point's query and settings): in the
+    session (``session.points``), and with ``cache_dir`` in a folder (:class:`ResultStore`) that later runs, other
+    processes and other machines reuse. An interrupted sweep returns what it finished and keeps it.
+
+    ``backend``: ``"local"`` (this process; a process pool with ``workers`` > 1) or ``"ray"`` (a Ray task per
+    point on the cluster at ``address``, see the module docstring; a task lost with its worker is retried up to
+    ``retries`` times). ``df.attrs`` tells ``computed`` and ``cached`` point counts.
+    """
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if allocations is None or isinstance(allocations, str):
+        allocations = [allocations]
+    workers = check_backend(backend, workers)
+    if backend == "ray" and workers != 1:
+        raise ValueError("workers applies to backend='local'; under Ray each point is a task using one CPU of "
+                         "the cluster.")
+    points = [SweepPoint.make(m, a, s, seed, finetune, hp, recalibrate_bn)
+              for m in methods for a in allocations for seed in seeds for s in sparsities]
+    data = data if data is not None else session.data
+    if data is None:
+        raise ValueError("sweep needs data: pass data=... here or when creating the session.")
+    if "sensitivity" in allocations and session.sensitivity_table is not None:
+        raise ValueError("sweep points are not keyed by the session's sensitivity table yet: compare allocation "
+                         "'sensitivity' with session.compare_allocations(sparsities), or drop the table first "
+                         "(session.use_sensitivity(None)).")
+    store = ResultStore(cache_dir) if cache_dir is not None else None
+    fingerprint, data_id = session.fingerprint, session.data_id(data)
+    keys = [p.key(fingerprint, data_id) for p in points]
+    done = session.points
+    todo = {}  # key → point, in order, once each
+    for p, k in zip(points, keys):
+        if k not in done and store is not None and (hit := store.get(k)) is not None:
+            done[k] = hit
+        if k not in done:
+            todo.setdefault(k, p)
+    cached = len(set(keys)) - len(todo)
+    computed, interrupted = 0, False
+    bar = tqdm(total=len(set(keys)), initial=cached, desc=f"sweep ({backend})", disable=not progress)
+    try:
+        with session.lock:
+            if backend == "local" and workers == 1:
+                finished = ((p, *compute_point(session, p, data, store)) for p in todo.values())
+            else:
+                payload = make_payload(session, data)
+                finished = (run_ray(payload, list(todo.values()), store, address=address, retries=retries)
+                            if backend == "ray" else run_local_pool(payload, list(todo.values()), store, workers))
+            for p, rows, was_computed in finished:
+                done[p.key(fingerprint, data_id)] = rows
+                computed += bool(was_computed)
+                bar.set_postfix_str(p.label())
+                bar.update()
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn(f"sweep interrupted after {computed} computed points; finished points stay cached.",
+                      stacklevel=3)
+    finally:
+        bar.close()
+    rows = [{**r, "seed": p.seed} for p, k in zip(points, keys) for r in done.get(k, [])]
+    columns = COLUMNS + sorted({c for r in rows for c in r} - set(COLUMNS))  # e.g. perplexity for language models
+    df = pd.DataFrame(rows, columns=columns)
+    df.attrs.update(interrupted=interrupted, computed=computed, cached=cached)
+    return df
 
 
 class ResultStore:
@@ -181,7 +285,7 @@ def compute_point(session, point, data, store: ResultStore | None) -> tuple[list
     """``(rows, computed)`` for ``point`` (a :class:`SweepPoint`, or any point with ``key`` and ``run``) on
     ``session``: from ``store`` when it is there, else computed (and put
     in ``store``)."""
-    key = point.key(session.fingerprint, session._data_id(data))
+    key = point.key(session.fingerprint, session.data_id(data))
     if store is not None:
         hit = store.get(key)
         if hit is not None:
@@ -222,7 +326,7 @@ def make_payload(session, data) -> _Payload:
 
         model = copy.deepcopy(model).cpu()  # workers may have no GPU; they move it to their own device
     try:
-        blob = cloudpickle.dumps((model, session.data, data, session._init_kw))
+        blob = cloudpickle.dumps((type(session), model, session.data, data, session.options))
     except Exception as exc:  # noqa: BLE001 (any pickling failure)
         raise TypeError(f"the model or data cannot be serialised for sweep workers ({type(exc).__name__}: "
                         f"{exc}); use backend='local' with workers=1, or make them picklable.") from exc
@@ -235,10 +339,8 @@ _POOL_PAYLOAD = None  # a pool worker's payload, sent once by the pool's initial
 
 def _worker_session(payload: _Payload) -> tuple:
     """Rebuild the driver's session in this worker: ``(session, sweep data)``, kept for the worker's next points."""
-    from .session import PruneSession
-
-    model, session_data, data, kw = cloudpickle.loads(payload.blob)
-    session = PruneSession(model, session_data, **kw)
+    cls, model, session_data, data, kw = cloudpickle.loads(payload.blob)  # the driver's session class
+    session = cls(model, session_data, **kw)
     if session.fingerprint != payload.fingerprint:
         raise RuntimeError("the model rebuilt in the sweep worker does not match the driver's (weights "
                            "fingerprint differs); is the same prune_lab and torch version installed there?")
@@ -326,8 +428,6 @@ def run_ray(payload: _Payload, points, store: ResultStore | None, *, address=Non
 
 
 def check_backend(backend: str, workers) -> int:
-    from ..core.validation import check_choice
-
     check_choice(backend, BACKENDS, what="backend")
     if workers is None:
         return 1

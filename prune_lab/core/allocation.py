@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .ranking import Ranking
 from .validation import check_choice, round_half_up
 
 
@@ -86,24 +87,40 @@ class SensitivityTable:
 
 @dataclass(frozen=True)
 class AllocationContext:
-    """What an allocation may look at.
+    """What an allocation may look at: plain data, no callbacks.
 
-    ``shapes``: weight shapes in data-flow order; ``is_conv``: per layer; ``ranking()``: the method's
-    :class:`~prune_lab.core.ranking.Ranking` (for a global threshold on its scores); ``lamp_ranking()``: the Ranking
-    of LAMP scores of the same weights; ``sensitivity``: the measured :class:`SensitivityTable` of these weights
-    for the ``sensitivity`` allocation (the session passes its own; ``None`` when none was measured).
+    ``names``, ``shapes``, ``is_conv``: the layers in data-flow order; ``ranking``: the method's
+    :class:`~prune_lab.core.ranking.Ranking` (a global threshold on its scores); ``lamp_ranking``: the Ranking of
+    LAMP scores of the same weights; ``sensitivity``: the measured :class:`SensitivityTable` of these weights. An
+    allocation declares what it reads in its ``needs`` (``{"ranking"}``, ``{"lamp_ranking"}``, ``{"sensitivity"}``);
+    the caller fills those fields (the others may stay ``None``), so nothing is built that the allocation does not
+    read and an allocation never calls back into the engine.
     """
 
     names: tuple
     shapes: tuple
     is_conv: tuple
-    ranking: Callable
-    lamp_ranking: Callable
+    ranking: Ranking | None = None
+    lamp_ranking: Ranking | None = None
     sensitivity: SensitivityTable | None = None
 
     @property
     def sizes(self) -> np.ndarray:
         return np.asarray([math.prod(s) for s in self.shapes], dtype=np.int64)
+
+    def subset(self, names) -> "AllocationContext":
+        """The context of some layers only (rankings restricted to them): an allocation over the other layers when
+        some are locked.
+
+        >>> ctx = AllocationContext(("a", "b"), ((2, 2), (3,)), (False, False))
+        >>> ctx.subset(["b"]).sizes.tolist()
+        [3]
+        """
+        idx = [self.names.index(n) for n in names]
+        return AllocationContext(
+            tuple(names), tuple(self.shapes[i] for i in idx), tuple(self.is_conv[i] for i in idx),
+            None if self.ranking is None else self.ranking.subset(names),
+            None if self.lamp_ranking is None else self.lamp_ranking.subset(names), self.sensitivity)
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,7 @@ class AllocationSpec:
     reference: str
     fn: Callable
     description: str = ""
-    needs: frozenset = field(default_factory=frozenset)  # e.g. {"sensitivity"}: a measured table
+    needs: frozenset = field(default_factory=frozenset)  # the AllocationContext fields it reads: {"ranking"}, …
 
 
 _ALLOCATIONS: dict = {}
@@ -121,7 +138,8 @@ _ALLOCATIONS: dict = {}
 
 def register_allocation(name: str, label: str, reference: str = "", description: str = "", needs=()):
     """Decorator registering ``fn(sparsity, ctx) -> counts`` under ``name`` (a name can be registered once);
-    ``needs``: what the allocation needs beyond weights and scores (``{"sensitivity"}``: a measured table)."""
+    ``needs``: the :class:`AllocationContext` fields it reads beyond the layers' names and shapes: ``"ranking"``
+    (the method's scores), ``"lamp_ranking"`` (LAMP scores), ``"sensitivity"`` (a measured table)."""
 
     def deco(fn):
         if name in _ALLOCATIONS:
@@ -147,8 +165,14 @@ def get_allocation(name: str) -> AllocationSpec:
 
 
 def allocate(name: str, sparsity: float, ctx: AllocationContext) -> np.ndarray:
-    """Counts of pruned weights per layer for allocation ``name`` at ``sparsity``."""
-    counts = np.asarray(get_allocation(name).fn(sparsity, ctx), dtype=np.int64)
+    """Counts of pruned weights per layer for allocation ``name`` at ``sparsity``. A ranking the allocation needs
+    (its ``needs``) and the context lacks is a ``ValueError``; a missing sensitivity table is the allocation's own
+    error (it says how to measure one)."""
+    spec = get_allocation(name)
+    for need in ("ranking", "lamp_ranking"):
+        if need in spec.needs and getattr(ctx, need) is None:
+            raise ValueError(f"allocation {name!r} needs the context's {need!r}; pass that Ranking.")
+    counts = np.asarray(spec.fn(sparsity, ctx), dtype=np.int64)
     assert counts.shape == (len(ctx.names),) and (counts >= 0).all() and (counts <= ctx.sizes).all()
     return counts
 
@@ -188,15 +212,17 @@ def uniform(sparsity: float, ctx: AllocationContext) -> np.ndarray:
     return np.asarray([round_half_up(sparsity * n) for n in ctx.sizes], dtype=np.int64)
 
 
-@register_allocation("global", "Global", "", "one threshold on the method's scores across all layers")
+@register_allocation("global", "Global", "", "one threshold on the method's scores across all layers",
+                     needs=("ranking",))
 def global_(sparsity: float, ctx: AllocationContext) -> np.ndarray:
-    return ctx.ranking().global_counts(round_half_up(sparsity * int(ctx.sizes.sum())))
+    return ctx.ranking.global_counts(round_half_up(sparsity * int(ctx.sizes.sum())))
 
 
 @register_allocation("lamp", "LAMP", "Lee et al., ICLR 2021 (arXiv 2010.07611)",
-                     "the per-layer counts that global LAMP pruning produces, applied to any score")
+                     "the per-layer counts that global LAMP pruning produces, applied to any score",
+                     needs=("lamp_ranking",))
 def lamp(sparsity: float, ctx: AllocationContext) -> np.ndarray:
-    return ctx.lamp_ranking().global_counts(round_half_up(sparsity * int(ctx.sizes.sum())))
+    return ctx.lamp_ranking.global_counts(round_half_up(sparsity * int(ctx.sizes.sum())))
 
 
 @register_allocation("uniform_plus", "Uniform+", "Gale et al. 2019, as used by LAMP",

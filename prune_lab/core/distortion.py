@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .graph import LayerGraph, Link, _apply_scales
+from .graph import LayerGraph, Link
+from .neighbours import apply_scales
 
 
 def _channel_matrix(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -32,8 +33,9 @@ def _channel_matrix(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return full
 
 
-def _taps(d: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The change of a layer per kernel tap: ``(taps, out, in)`` (one tap for Linear)."""
+def per_tap(d: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The change ``d`` of a layer per kernel tap: ``(taps, out, in)`` float32 (one tap for Linear; a grouped
+    conv's taps expanded to the full ``in``, zeros outside the groups)."""
     d = d.float()
     if d.dim() == 2:
         return d.unsqueeze(0)
@@ -48,36 +50,40 @@ def _taps(d: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return full
 
 
-def _producer_matrix(link, n_in: int, graph: LayerGraph, weights: dict, scales: dict):
-    """Rows = layer i's input units; ``None`` for the identity (scaled by BN, returned as a vector)."""
+def producer_matrix(link, n_in: int, graph: LayerGraph, weights: dict, scales: dict):
+    """The producer side of ``link`` for a layer of ``n_in`` input units: ``(matrix, None)``, the producer as a
+    matrix over units (rows = the layer's input units, BN factors applied), or ``(None, vector)`` for the identity
+    as a vector: the near BN factors without a producer, ones where the geometry does not map."""
     if link.layer is None:
-        return None, _apply_scales(torch.ones(n_in), link.near_bn, scales).sqrt()
+        return None, apply_scales(torch.ones(n_in), link.near_bn, scales).sqrt()
     p = graph.layers[link.layer]
     mat = _channel_matrix(weights[link.layer], p.groups)  # (C, in_p)
-    sq = _apply_scales(torch.ones(mat.shape[0], device=mat.device), link.far_bn, scales)
+    sq = apply_scales(torch.ones(mat.shape[0], device=mat.device), link.far_bn, scales)
     mat = mat * sq.sqrt().unsqueeze(1)
     if mat.shape[0] != n_in:
         if n_in % mat.shape[0]:
             return None, torch.ones(n_in)
         mat = mat.repeat_interleave(n_in // mat.shape[0], dim=0)  # feature f is produced by channel f // HW
-    near = _apply_scales(torch.ones(n_in, device=mat.device), link.near_bn, scales).sqrt()
+    near = apply_scales(torch.ones(n_in, device=mat.device), link.near_bn, scales).sqrt()
     return mat * near.unsqueeze(1), None
 
 
-def _consumer_matrix(link, n_out: int, graph: LayerGraph, weights: dict, scales: dict):
-    """Columns = layer i's output units; ``None`` for the identity (scaled by BN, returned as a vector)."""
+def consumer_matrix(link, n_out: int, graph: LayerGraph, weights: dict, scales: dict):
+    """The consumer side of ``link`` for a layer of ``n_out`` output units: ``(matrix, None)``, the consumer as a
+    matrix over units (columns = the layer's output units, BN factors applied), or ``(None, vector)`` for the
+    identity as a vector: the near BN factors without a consumer, ones where the geometry does not map."""
     if link.layer is None:
-        return None, _apply_scales(torch.ones(n_out), link.near_bn, scales).sqrt()
+        return None, apply_scales(torch.ones(n_out), link.near_bn, scales).sqrt()
     c = graph.layers[link.layer]
     mat = _channel_matrix(weights[link.layer], c.groups)  # (out_c, in_c)
-    far = _apply_scales(torch.ones(mat.shape[1], device=mat.device), link.far_bn, scales).sqrt()
+    far = apply_scales(torch.ones(mat.shape[1], device=mat.device), link.far_bn, scales).sqrt()
     mat = mat * far.unsqueeze(0)
     if mat.shape[1] != n_out:
         if mat.shape[1] % n_out:
             return None, torch.ones(n_out)
         hw = mat.shape[1] // n_out  # channel j is read as the features j·HW … (j+1)·HW − 1: stack them as rows
         mat = mat.reshape(mat.shape[0], n_out, hw).permute(0, 2, 1).reshape(-1, n_out)
-    near = _apply_scales(torch.ones(n_out, device=mat.device), link.near_bn, scales).sqrt()
+    near = apply_scales(torch.ones(n_out, device=mat.device), link.near_bn, scales).sqrt()
     return mat * near.unsqueeze(0), None
 
 
@@ -98,15 +104,15 @@ def lookahead_distortion(graph: LayerGraph, weights: dict, name: str, pruned_wei
     """
     scales = scales or {}
     layer = graph.layers[name]
-    d = _taps(weights[name].detach() - pruned_weight.detach().to(weights[name].device), layer.groups)  # (T,o,i)
+    d = per_tap(weights[name].detach() - pruned_weight.detach().to(weights[name].device), layer.groups)  # (T,o,i)
     producers = graph.producers.get(name) or [Link(None)]
     consumers = graph.consumers.get(name) or [Link(None)]
     total = 0.0
     for p_link in producers:
-        pm, pv = _producer_matrix(p_link, layer.n_in, graph, weights, scales)
+        pm, pv = producer_matrix(p_link, layer.n_in, graph, weights, scales)
         dp = d @ pm.to(d.device) if pm is not None else d * pv.to(d.device).unsqueeze(0).unsqueeze(0)
         for c_link in consumers:
-            cm, cv = _consumer_matrix(c_link, layer.n_out, graph, weights, scales)
+            cm, cv = consumer_matrix(c_link, layer.n_out, graph, weights, scales)
             cdp = cm.to(d.device) @ dp if cm is not None else dp * cv.to(d.device).unsqueeze(0).unsqueeze(2)
             total += float(cdp.double().pow(2).sum())
     return total ** 0.5

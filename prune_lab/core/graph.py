@@ -1,5 +1,11 @@
 """Prunable layers and the layer graph (who feeds whom), traced from the model's real data flow.
 
+Why one module of this size: finding the weights, the ``torch.fx`` walk and the execution-order fallback are the
+private steps of one function, :func:`build_graph`, sharing its classification of modules and operations (what
+passes units through, joins branches or flattens), so splitting them would only turn those private tables into
+cross-module reads; how much the neighbours weigh (BatchNorm factors, unit norms, LAP's factors) is in
+:mod:`prune_lab.core.neighbours`.
+
 The graph is what lookahead pruning and the lookahead distortion need: for every Linear / Conv layer, the linear
 layers that produce its input (its *producers*) and those that read its output (its *consumers*), with the
 BatchNorm layers that sit in between and whether a flatten (conv channels → linear features) lies on the path.
@@ -22,11 +28,12 @@ import operator
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from .capture import eval_mode, input_hooks
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -278,21 +285,10 @@ def _structure_key(model: nn.Module, include, exclude) -> tuple:
     )
 
 
-class _ParametrizationsFrozen:
+def _parametrizations_frozen(model: nn.Module):
     """Every parametrization module in eval mode while the graph is built (each one's own flag restored after):
     should tracing evaluate a parametrized weight, spectral norm's power iteration must not change ``_u``/``_v``."""
-
-    def __init__(self, model: nn.Module):
-        self.modes = [(m, m.training) for mod in model.modules() if parametrize.is_parametrized(mod)
-                      for m in mod.parametrizations.modules()]
-
-    def __enter__(self):
-        for m, _ in self.modes:
-            m.training = False
-
-    def __exit__(self, *exc):
-        for m, t in self.modes:
-            m.training = t
+    return eval_mode(*[mod.parametrizations for mod in model.modules() if parametrize.is_parametrized(mod)])
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -316,7 +312,7 @@ def build_graph(model: nn.Module, *, include=None, exclude=None, example_inputs=
     if key in per_model:
         return per_model[key]
     weight_of, found = _matrix_weights(model)
-    with _ParametrizationsFrozen(model):
+    with _parametrizations_frozen(model):
         try:
             graph = _single_layer(found) if isinstance(model, PRUNABLE_TYPES) else _trace_fx(model, weight_of, found)
         except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to an execution-order chain
@@ -611,26 +607,15 @@ def _trace_chain(model: nn.Module, found: list, example_inputs, *, reason: str) 
     ran: dict = {}  # module name -> position in the order modules ran
     how = "the order in which modules are registered"
     if example_inputs is not None:
-        handles = []
         watched = {".".join(f.module.split(".")[:k]) for f in found for k in range(1, f.module.count(".") + 2)
                    if f.module}
-        modes = [(m, m.training) for m in model.modules()]
         try:
-            for mname in watched:
-                handles.append(modules[mname].register_forward_pre_hook(
-                    lambda mod, args, _n=mname: ran.setdefault(_n, len(ran))))
-            model.eval()
-            with torch.no_grad():
-                inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-                model(*inputs)
+            with eval_mode(model), input_hooks([(mname, modules[mname]) for mname in watched],
+                                               lambda n, _m, _x: ran.setdefault(n, len(ran))), torch.no_grad():
+                model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
             how = "the order in which layers ran on an example input"
         except Exception:  # noqa: BLE001
             ran = {}
-        finally:
-            for h in handles:
-                h.remove()
-            for m, t in modes:
-                m.training = t
     order: list = []
     for seq, f in enumerate(found):
         if not ran:
@@ -667,124 +652,3 @@ def _flattened(layers, a, b) -> bool:
         return False
     la, lb = layers[a], layers[b]
     return la.is_conv and not lb.is_conv and lb.n_in != la.n_out and lb.n_in % la.n_out == 0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Neighbour factors (lookahead): pure functions of weights and BN scales
-# --------------------------------------------------------------------------------------------------------------
-def bn_scales(model: nn.Module, names: Iterable[str]) -> dict:
-    """``{bn module name: |γ / sqrt(running_var + eps)|}`` (a 1-D tensor per BatchNorm), detached copies.
-
-    >>> bn = nn.BatchNorm1d(2); m = nn.Sequential(nn.Linear(2, 2), bn, nn.Linear(2, 2))
-    >>> bn_scales(m, ["1"])["1"]
-    tensor([1.0000, 1.0000])
-    """
-    modules = dict(model.named_modules())
-    out = {}
-    for name in names:
-        bn = modules[name]
-        with torch.no_grad():
-            scale = torch.ones(bn.num_features, dtype=torch.float32, device=_device_of(bn))
-            if bn.affine and bn.weight is not None:
-                scale = scale * bn.weight.detach().float()
-            if bn.running_var is not None:
-                scale = scale / torch.sqrt(bn.running_var.detach().float() + bn.eps)
-            out[name] = scale.abs()
-    return out
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _apply_scales(values: torch.Tensor, bns: Sequence[str], scales: dict) -> torch.Tensor:
-    for bn in bns:
-        s = scales.get(bn)
-        if s is not None and s.numel() == values.numel():
-            values = values * s.to(values.device, values.dtype).pow(2)
-    return values
-
-
-def out_unit_sq_norms(w: torch.Tensor) -> torch.Tensor:
-    """``‖W[j]‖²`` for every output unit j (a whole filter for a conv). ``w: (out, …) → (out,)``."""
-    return w.detach().float().pow(2).reshape(w.shape[0], -1).sum(1)
-
-
-def in_unit_sq_norms(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """``‖W[:, k]‖²`` for every input unit k (all weights reading channel k, grouped convs included).
-
-    ``w: (out, in // groups, …) → (in,)``.
-    """
-    w2 = w.detach().float().pow(2)
-    per = w2.reshape(w.shape[0], w.shape[1], -1).sum(2)  # (out, in/g)
-    if groups == 1:
-        return per.sum(0)
-    out_per_group = w.shape[0] // groups
-    per = per.reshape(groups, out_per_group, w.shape[1]).sum(1)  # (g, in/g)
-    return per.reshape(-1)
-
-
-def input_channel_index(shape: tuple, groups: int, device=None) -> torch.Tensor:
-    """For a weight ``(out, in // groups, …)``, the input unit each ``(o, k)`` entry reads: ``(out, in // groups)``."""
-    out, in_g = shape[0], shape[1]
-    o = torch.arange(out, device=device).unsqueeze(1)
-    k = torch.arange(in_g, device=device).unsqueeze(0)
-    return (o // (out // groups)) * in_g + k
-
-
-def neighbour_factors(graph: LayerGraph, weights: dict, name: str, scales: dict | None = None):
-    """LAP's neighbour factors of layer ``name``: ``(prev, next)`` with ``prev: (n_in,)``, ``next: (n_out,)``.
-
-    ``prev[k] = sqrt(Σ_producers (scale_k · ‖W_{i−1}[k, :]‖)²)`` and ``next[j] = sqrt(Σ_consumers (scale_j ·
-    ‖W_{i+1}[:, j]‖)²)``; a missing neighbour (model input / output) contributes 1. ``weights`` maps names to the
-    (possibly masked) weights of every layer in the graph; ``scales`` are :func:`bn_scales`.
-    """
-    scales = scales or {}
-    graph.warn_unresolved("LAP", stacklevel=4)
-    layer = graph.layers[name]
-    w = weights[name]
-    dev = w.device
-    prev = torch.zeros(layer.n_in, device=dev)
-    for link in graph.producers.get(name, []):
-        prev += _producer_sq(link, layer, graph, weights, scales, dev)
-    if not graph.producers.get(name):
-        prev += 1.0
-    nxt = torch.zeros(layer.n_out, device=dev)
-    for link in graph.consumers.get(name, []):
-        nxt += _consumer_sq(link, layer, graph, weights, scales, dev)
-    if not graph.consumers.get(name):
-        nxt += 1.0
-    return prev.sqrt(), nxt.sqrt()
-
-
-def _producer_sq(link, layer, graph, weights, scales, dev) -> torch.Tensor:
-    d_in = layer.n_in
-    if link.layer is None:
-        return _apply_scales(torch.ones(d_in, device=dev), link.near_bn, scales)
-    norms = out_unit_sq_norms(weights[link.layer]).to(dev)  # producer's channel space (C,)
-    norms = _apply_scales(norms, link.far_bn, scales)
-    c = norms.numel()
-    if c != d_in:
-        if d_in % c == 0:  # conv channels -> linear features after a flatten: f // HW is the channel
-            norms = norms.repeat_interleave(d_in // c)
-        else:
-            return _apply_scales(torch.ones(d_in, device=dev), link.near_bn, scales)
-    return _apply_scales(norms, link.near_bn, scales)
-
-
-def _consumer_sq(link, layer, graph, weights, scales, dev) -> torch.Tensor:
-    d_out = layer.n_out
-    if link.layer is None:
-        return _apply_scales(torch.ones(d_out, device=dev), link.near_bn, scales)
-    consumer = graph.layers[link.layer]
-    norms = in_unit_sq_norms(weights[link.layer], consumer.groups).to(dev)  # consumer's input space
-    norms = _apply_scales(norms, link.far_bn, scales)
-    n = norms.numel()
-    if n != d_out:
-        if n % d_out == 0:  # channel j is read as the features j·HW … (j+1)·HW − 1
-            norms = norms.reshape(d_out, n // d_out).sum(1)
-        else:
-            return _apply_scales(torch.ones(d_out, device=dev), link.near_bn, scales)
-    return _apply_scales(norms, link.near_bn, scales)

@@ -31,9 +31,11 @@ import warnings
 
 import torch
 
-from .distortion import _consumer_matrix, _producer_matrix, _taps
+from .distortion import consumer_matrix, per_tap, producer_matrix
 from .graph import LayerGraph, Link
 
+CHUNKS = 8  # a dense product that may be stopped is made in this many slices per side
+_CHUNKED_FROM = 1 << 16  # smaller layers are computed in one go
 SPARSE_FRACTION = 0.08  # below this fraction of changed entries, the sparse path is cheaper than a dense product
 
 
@@ -58,10 +60,10 @@ def layer_factors(graph: LayerGraph, weights: dict, name: str, scales: dict | No
     layer = graph.layers[name]
     rows, cols, row_mats, col_mats = [], [], [], []
     for link in graph.producers.get(name) or [Link(None)]:
-        pm, pv = _producer_matrix(link, layer.n_in, graph, weights, scales)
+        pm, pv = producer_matrix(link, layer.n_in, graph, weights, scales)
         cols.append(pm if pm is not None else pv.float().pow(2).cpu())
     for link in graph.consumers.get(name) or [Link(None)]:
-        cm, cv = _consumer_matrix(link, layer.n_out, graph, weights, scales)
+        cm, cv = consumer_matrix(link, layer.n_out, graph, weights, scales)
         rows.append(cm if cm is not None else cv.float().pow(2).cpu())
     dev = weights[name].device
     left = torch.cat(rows, 0) if all(m.dim() == 2 for m in rows) else None
@@ -97,7 +99,7 @@ class LayerLookahead:
         self.left, self.right = left, right  # thin factors of A and B (see layer_factors), or None
         self._a, self._b, self.groups = a, b, groups
         self.weight = weight.detach().float()
-        self.w = _taps(self.weight, groups)  # (T, out, in)
+        self.w = per_tap(self.weight, groups)  # (T, out, in)
         self.max_references = max_references
         self.y_full = self.apply(self.w)
         self.full_sq = max(_dot(self.y_full, self.w), 0.0)
@@ -121,10 +123,28 @@ class LayerLookahead:
     def numel(self) -> int:
         return self.weight.numel()
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x_t B`` for every tap: ``(T, out, in) → (T, out, in)`` (through the thin factors when present)."""
-        xb = torch.matmul(torch.matmul(x, self.right), self.right.T) if self.right is not None else _right(x, self.b)
-        return _left(self.a, xb) if self.left is None else torch.matmul(self.left.T, torch.matmul(self.left, xb))
+    def apply(self, x: torch.Tensor, stop=None) -> torch.Tensor:
+        """``A x_t B`` for every tap: ``(T, out, in) → (T, out, in)`` (through the thin factors when present).
+        ``stop``: a ``threading.Event``; a large layer is computed in :data:`CHUNKS` slices (rows for ``B``,
+        columns for ``A``) and :class:`Interrupted` is raised between slices once it is set."""
+        n_out, n_in = x.shape[-2:]
+        if stop is None or x.numel() < _CHUNKED_FROM:
+            return self._a_side(self._b_side(x))
+        xb = torch.empty_like(x)
+        for r in range(0, n_out, -(-n_out // CHUNKS)):
+            _check(stop)
+            xb[:, r:r + -(-n_out // CHUNKS)] = self._b_side(x[:, r:r + -(-n_out // CHUNKS)])
+        y = torch.empty_like(x)
+        for c in range(0, n_in, -(-n_in // CHUNKS)):
+            _check(stop)
+            y[..., c:c + -(-n_in // CHUNKS)] = self._a_side(xb[..., c:c + -(-n_in // CHUNKS)])
+        return y
+
+    def _b_side(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(x, self.right), self.right.T) if self.right is not None else _right(x, self.b)
+
+    def _a_side(self, x: torch.Tensor) -> torch.Tensor:
+        return _left(self.a, x) if self.left is None else torch.matmul(self.left.T, torch.matmul(self.left, x))
 
     def _coordinates(self, flat: torch.Tensor) -> tuple:
         """Weight-layout flat indices → ``(tap, out, in)`` of the expanded tap matrices."""
@@ -144,17 +164,16 @@ class LayerLookahead:
         taps stacked by rows, then ``A (Δ_t B)`` sampled at Δ_t's entries, tap by tap."""
         taps, n_out, n_in = self.w.shape
         rows = t * n_out + o
+        order = torch.argsort(rows * n_in + i)  # by tap, then (out, in): CSR order, each tap's entries together
+        t, o, i, v, rows = t[order], o[order], i[order], v[order], rows[order]
         if self.b.dim() == 1:  # Δ_t B: Δ_t with its columns scaled
             z = torch.zeros(taps * n_out, n_in, device=v.device)
             z[rows, i] = v * self.b[i]
         else:
-            order = torch.argsort(rows * n_in + i)
-            z = _csr(rows[order], i[order], v[order], taps * n_out, n_in) @ self.b  # (T·out, in), dense
+            z = _csr(rows, i, v, taps * n_out, n_in) @ self.b  # (T·out, in), dense
         if self.a.dim() == 1:
             return _dot(v * self.a[o], z[rows, i])
         z = z.reshape(taps, n_out, n_in)
-        order = torch.argsort(rows * n_in + i)  # by tap, then (out, in): each tap's entries in CSR order
-        t, o, i, v = t[order], o[order], i[order], v[order]
         bounds = torch.searchsorted(t, torch.arange(taps + 1, device=t.device)).tolist() if taps > 1 else [0, len(v)]
         total = 0.0
         for tap in range(taps):  # A (Δ_t B) at Δ_t's entries, on a view of Z: no copy
@@ -190,11 +209,11 @@ class LayerLookahead:
         idx = kept_idx()
         return self._step(idx, -flat_w[idx], self.y_full, self.full_sq)
 
-    def _dense(self, removed: torch.Tensor) -> tuple:
+    def _dense(self, removed: torch.Tensor, stop=None) -> tuple:
         """``(Y, f)`` of ``D = W ⊙ R`` (``removed``: bool, weight layout) by dense products."""
         self.paths["dense"] += 1
-        d = _taps(self.weight * removed, self.groups)
-        y = self.apply(d)
+        d = per_tap(self.weight * removed, self.groups)
+        y = self.apply(d, stop)
         return y, max(_dot(y, d), 0.0)
 
     def _keep(self, refs: list, entry: tuple):
@@ -202,7 +221,7 @@ class LayerLookahead:
             refs.insert(0, entry)
             del refs[self.max_references:]
 
-    def value_removed(self, removed: torch.Tensor, k: int | None = None) -> float:
+    def value_removed(self, removed: torch.Tensor, k: int | None = None, stop=None) -> float:
         """``f(W ⊙ R)`` for the bool mask ``R`` of removed weights (weight layout; ``k``: how many, when known):
         the squared lookahead distortion of plain pruning, from the nearest reference."""
         removed = removed.to(self.weight.device, torch.bool)
@@ -224,11 +243,11 @@ class LayerLookahead:
                 self.references.insert(0, self.references.pop(r))
                 idx = changed.nonzero().squeeze(1)
                 return self._step(idx, torch.where(flat[idx], flat_w[idx], -flat_w[idx]), y, f)
-        y, f = self._dense(removed)
+        y, f = self._dense(removed, stop)
         self._keep(self.references, (removed.clone(), y, f))
         return f
 
-    def value_ordered(self, order: torch.Tensor, k: int) -> float:
+    def value_ordered(self, order: torch.Tensor, k: int, stop=None) -> float:
         """``f(W ⊙ R)`` where ``R`` is the first ``k`` weights of ``order`` (flat indices, a cached ranking's pruning
         order): the change from a reference on the same order is a slice of it, found without scanning the layer."""
         k = int(k)
@@ -246,7 +265,7 @@ class LayerLookahead:
             return self._step(idx, flat_w[idx] if k > k_ref else -flat_w[idx], y, f)  # newly removed, or given back
         removed = torch.zeros(self.numel, dtype=torch.bool, device=self.weight.device)
         removed[order[:k].long()] = True
-        y, f = self._dense(removed.reshape(self.weight.shape))
+        y, f = self._dense(removed.reshape(self.weight.shape), stop)
         self._keep(self.ordered, (order, k, y, f))
         return f
 
@@ -262,13 +281,22 @@ class LayerLookahead:
     def value(self, change: torch.Tensor) -> float:
         """``f(D)`` for any change ``D`` of the weight (weight layout; e.g. with updated kept weights): dense."""
         self.paths["dense"] += 1
-        d = _taps(change.float(), self.groups)
+        d = per_tap(change.float(), self.groups)
         return max(_dot(self.apply(d), d), 0.0)
 
     def nbytes(self) -> int:
         tensors = [self.y_full, self.w] + [t for r in self.references for t in r[:2]] + [r[2] for r in self.ordered]
         tensors += [t for t in (self._a, self._b, self.left, self.right) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Interrupted(Exception):
+    """Raised inside a dense product when its ``stop`` event is set (see :meth:`LayerLookahead.apply`)."""
+
+
+def _check(stop):
+    if stop.is_set():
+        raise Interrupted
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int):
@@ -315,18 +343,19 @@ class LookaheadCache:
         return self.layer(name).full_sq ** 0.5
 
     def distortion(self, name: str, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                   n_removed: int | None = None, order: torch.Tensor | None = None) -> float:
+                   n_removed: int | None = None, order: torch.Tensor | None = None, stop=None) -> float:
         """``‖W₊ (W − W̃) W₋‖`` of layer ``name`` pruned by ``mask`` (bool, True = kept; ``W̃ = M ⊙ W``; ``n_removed``:
         its count of False, when known; ``order``: when the mask removes the first ``n_removed`` weights of this
         pruning order, a cached ranking's, which finds the change from a reference without a scan) or, when the
-        method updates kept weights, for the new weight ``weight`` (``W̃``; computed densely)."""
+        method updates kept weights, for the new weight ``weight`` (``W̃``; computed densely). ``stop``: a
+        ``threading.Event``; a dense product raises :class:`Interrupted` between its slices once it is set."""
         layer = self.layer(name)
         if weight is None and order is not None and n_removed is not None:
-            return layer.value_ordered(order, n_removed) ** 0.5
+            return layer.value_ordered(order, n_removed, stop) ** 0.5
         if weight is not None:
             w = self.weights[name].detach()
             return layer.value(w.float() - weight.detach().to(w.device).float()) ** 0.5
-        return layer.value_removed(~mask.to(torch.bool), n_removed) ** 0.5
+        return layer.value_removed(~mask.to(torch.bool), n_removed, stop) ** 0.5
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers.values())

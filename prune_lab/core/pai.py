@@ -11,17 +11,20 @@ in-place initialisers, like ``torch.nn.init``: a user calls them on their own mo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .capture import eval_mode
 from .graph import PRUNABLE_TYPES, build_graph
+from .losses import batch_loss, is_token_batch, lm_forward_kwargs, output_logits
 from .validation import check_choice, check_labels, input_error, match_input_dtype, round_half_up
 
 __all__ = [
@@ -81,40 +84,57 @@ def _state(model: nn.Module, weights: dict | None, *, device=None, dtype=None, a
 
 
 def _check_batch(inputs, targets):
+    """A classifier's batch (``inputs (N, ...)`` floating point, ``targets (N,)`` labels) or a causal LM's token
+    batch (``inputs (N, L)`` integer ids, ``targets (N, L)`` their attention mask)."""
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(f"inputs and targets must be tensors, got {type(inputs).__name__} and "
                         f"{type(targets).__name__}.")
+    if is_token_batch(inputs, targets):
+        if inputs.shape[0] == 0 or inputs.shape[1] < 2:
+            raise ValueError(f"a token batch needs at least one sequence of at least 2 tokens, got "
+                             f"{tuple(inputs.shape)}.")
+        return
     if inputs.dim() < 2 or targets.dim() != 1 or targets.shape[0] != inputs.shape[0]:
-        raise ValueError(f"inputs must be (N, ...) and targets (N,) with the same N, got {tuple(inputs.shape)} and "
+        raise ValueError(f"inputs must be (N, ...) and targets (N,) with the same N (or, for a causal LM, token ids "
+                         f"(N, L) with their attention mask (N, L)), got {tuple(inputs.shape)} and "
                          f"{tuple(targets.shape)}.")
     if inputs.shape[0] == 0:
         raise ValueError("inputs and targets are empty (N = 0): scoring needs at least one sample; all-zero "
                          "gradients would rank every weight alike.")
     if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be floating point, got dtype {inputs.dtype}.")
+        raise TypeError(f"inputs must be floating point, got dtype {inputs.dtype}; token ids of a causal LM go "
+                        f"with their attention mask of the same shape as targets.")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be integer class labels, got dtype {targets.dtype}.")
 
 
-def _loss_and_leaves(model, inputs, targets, weights, names, temperature=1.0, seed=0):
+def _loss_and_leaves(model, inputs, targets, weights, names, temperature=1.0, seed=0, double_backward=False):
+    """The loss of :func:`prune_lab.core.losses.batch_loss` on the batch, with the weights ``names`` as leaves.
+    ``double_backward``: attention runs on the math kernel of ``scaled_dot_product_attention`` (the fused kernels
+    have no second derivative), as GraSP's Hessian-gradient product needs."""
     dev = _device(model)
     state = _state(model, weights, device=dev)
     leaves = []
     for n in names:
         state[n] = state[n].requires_grad_(True)
         leaves.append(state[n])
+    tokens = is_token_batch(inputs, targets)
     # float32 data for a half-precision model: the inputs are cast to the model's precision
-    x = match_input_dtype(inputs.to(dev), [state[n] for n in names])
-    with torch.random.fork_rng(devices=[]):  # dropout, if any, draws from a fixed stream; the caller's RNG is kept
+    x = inputs.to(dev) if tokens else match_input_dtype(inputs.to(dev), [state[n] for n in names])
+    y = targets.to(dev)
+    kw = lm_forward_kwargs(model, y) if tokens else {}
+    kernel = sdpa_kernel([SDPBackend.MATH]) if double_backward else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), kernel:  # dropout, if any, draws from a fixed stream; RNG kept
         torch.manual_seed(int(seed))
         try:
-            out = functional_call(model, state, (x,))
+            out = functional_call(model, state, (x,), kw)
         except RuntimeError as exc:
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or tokens:
                 raise
             raise input_error(exc, x, what="data") from exc
-    check_labels(targets, out, what="data")
-    loss = F.cross_entropy(out / temperature, targets.to(dev).long())
+    if not tokens:
+        check_labels(targets, output_logits(out), what="data")
+    loss = batch_loss(out, x, y, temperature=temperature)
     return loss, leaves
 
 
@@ -124,7 +144,8 @@ def _loss_and_leaves(model, inputs, targets, weights, names, temperature=1.0, se
 def snip_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, weights: dict | None = None,
                 names=None) -> dict:
     """SNIP (Lee et al. 2019), the sensitivity-based pruning of RPI: ``|w · ∂L/∂w|`` with ``L`` the mean
-    cross-entropy on the batch ``inputs: (N, ...)``, ``targets: (N,)``.
+    cross-entropy on the batch ``inputs: (N, ...)``, ``targets: (N,)`` (or the mean next-token loss of a causal LM
+    on token ids ``inputs: (N, L)`` with their attention mask ``targets: (N, L)``).
 
     ``weights``: ``{name: Tensor}`` used instead of the model's parameters (e.g. already-masked weights);
     ``names``: the weights to score (default: the prunable Linear/Conv weights). The model runs in its current
@@ -151,7 +172,8 @@ def grasp_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     (``H g = ∂(gᵀ stop_grad(g))/∂w``). Wang et al. remove the weights with the highest ``−w · (H g)``, i.e. the
     lowest scores here. ``temperature`` divides the logits (Wang et al.'s code uses 200; 1 = plain loss).
 
-    ``inputs: (N, ...)``, ``targets: (N,)``; ``weights``/``names`` as in :func:`snip_scores`. Scores are signed.
+    ``inputs: (N, ...)``, ``targets: (N,)`` (or a token batch, as in :func:`snip_scores`); ``weights``/``names`` as
+    in :func:`snip_scores`. Scores are signed.
 
     >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     >>> s = grasp_scores(net, torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
@@ -163,7 +185,8 @@ def grasp_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     if not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
     names = _names(model, names)
-    loss, leaves = _loss_and_leaves(model, inputs, targets, weights, names, temperature=float(temperature))
+    loss, leaves = _loss_and_leaves(model, inputs, targets, weights, names, temperature=float(temperature),
+                                    double_backward=True)
     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     pairs = [(w, g) for w, g in zip(leaves, grads) if g is not None and g.requires_grad]
     out = {n: torch.zeros_like(w.detach()) for n, w in zip(names, leaves)}
@@ -182,7 +205,13 @@ def grasp_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
 # --------------------------------------------------------------------------------------------------------------
 # SynFlow
 # --------------------------------------------------------------------------------------------------------------
-def _check_shape(input_shape) -> tuple:
+def check_input_shape(input_shape) -> tuple:
+    """One sample's shape (without the batch dimension) as a tuple of positive ints; ``TypeError`` / ``ValueError``
+    otherwise.
+
+    >>> check_input_shape([1, 28, 28])
+    (1, 28, 28)
+    """
     try:
         shape = tuple(int(d) for d in input_shape)
     except TypeError as exc:
@@ -194,21 +223,6 @@ def _check_shape(input_shape) -> tuple:
     return shape
 
 
-class _EvalMode:
-    """Puts every submodule in eval mode and restores each one's own flag afterwards."""
-
-    def __init__(self, model):
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.model = model
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, t in self.modes:
-            m.training = t
-
-
 def _synflow_pass(model, state, names, masks, input_shape, dtype):
     leaves = []
     for n in names:
@@ -217,7 +231,7 @@ def _synflow_pass(model, state, names, masks, input_shape, dtype):
         state[n] = w
         leaves.append(w)
     x = torch.ones((1, *input_shape), dtype=dtype, device=leaves[0].device if leaves else None)
-    with _EvalMode(model):
+    with eval_mode(model):
         try:
             r = functional_call(model, state, (x,)).sum()
         except RuntimeError as exc:
@@ -249,7 +263,7 @@ def synflow_scores(model: nn.Module, input_shape: Sequence[int], *, weights: dic
     [1.0, 1.0]
     """
     _check_model(model)
-    shape = _check_shape(input_shape)
+    shape = check_input_shape(input_shape)
     names = _names(model, names)
     state = _state(model, weights, dtype=dtype, absolute=True)
     scores, r = _synflow_pass(model, state, names, masks, shape, dtype)
@@ -291,7 +305,7 @@ def synflow_masks(model: nn.Module, input_shape: Sequence[int], counts: dict, *,
     from tqdm.auto import tqdm
 
     _check_model(model)
-    shape = _check_shape(input_shape)
+    shape = check_input_shape(input_shape)
     check_choice(scope, ("layerwise", "global"), what="scope")
     if not isinstance(counts, dict) or not counts:
         raise TypeError(f"counts must be a non-empty dict {{name: number of weights to prune}}, got {counts!r}.")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .graph import LayerGraph, input_channel_index, neighbour_factors
+from .graph import LayerGraph
+from .neighbours import input_channel_index, neighbour_factors
 
 
 def magnitude_scores(weights: dict) -> dict:

@@ -1,5 +1,6 @@
 """PruneResult: what a pruning call returns. Per-layer counts and distortions are there at once; the masks are
-built only when first asked for (a slider move never materialises them)."""
+built only when first asked for (by ``result.masks``: evaluation, export, a mask figure, the lookahead of another
+method's masks), not by the pruning call itself."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .weights import fingerprint
 
 FORMAT = "prune_lab.PruneResult"
 FORMAT_VERSION = 1
@@ -82,7 +85,9 @@ class PruneResult:
     ``cbs_loss`` of the kept mask beside ``magnitude_objective`` and ``magnitude_loss`` of the magnitude start).
     ``orders``: for methods scored once (a cached ranking), ``{name: order}``, each layer's weights as flat indices
     in the order they are pruned (the mask removes the first ``pruned[i]``): incremental measures use it; ``None``
-    for sparsity-dependent methods and updated weights (not saved).
+    for sparsity-dependent methods and updated weights (not saved). ``query``: the
+    :class:`~prune_lab.engine.query.Query` that made it (the key its evaluations are cached under; ``None`` for a
+    loaded result).
 
     :meth:`save` / :meth:`load` keep it on disk (masks packed as bits); :meth:`check_model` tells whether a model
     is the one it was computed on.
@@ -110,6 +115,8 @@ class PruneResult:
     _mask_builder: Callable | None = field(default=None, repr=False)
     _masks: dict | None = field(default=None, repr=False)
     orders: dict | None = field(default=None, repr=False, compare=False)  # see the class docstring
+    query: "Query | None" = field(default=None, repr=False, compare=False)  # see the class docstring
+
     @property
     def masks(self) -> dict:
         if self._masks is None:
@@ -263,9 +270,7 @@ class PruneResult:
                 raise ValueError(f"this result does not fit the model {type(model).__name__}: {n!r} has shape "
                                  f"{tuple(params[n].shape)}, the result's mask {want}.")
         if weights and self.model_fingerprint:
-            from .session import PruneSession
-
-            fp = PruneSession(model, device="cpu").fingerprint
+            fp = fingerprint(model)
             if fp != self.model_fingerprint:
                 raise ValueError(f"this result was computed on a model with other weights (fingerprint "
                                  f"{self.model_fingerprint[:12]}…, this model {fp[:12]}…); its masks may not "

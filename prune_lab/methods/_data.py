@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from ..data import calibration_batch, resolve_dataset
+from ..data import as_tokens, calibration_batch, data_identity, resolve_dataset
+from ..models.hf import vocab_size
 
-__all__ = ["method_batch"]
+__all__ = ["data_id", "method_batch"]
 
 
 def _is_pair(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
-def method_batch(data, n: int, *, method: str | None, seed: int = 0, whole_pair: bool = True) -> tuple:
+def method_batch(data, n: int, *, method: str | None, seed: int = 0, whole_pair: bool = True,
+                 model=None) -> tuple:
     """``(inputs, targets)`` for ``method`` from ``data``: an ``(inputs, targets)`` pair is validated and used whole
     (``whole_pair``) or sampled like any dataset; a bundle, dataset or ``DataLoader`` gives a seeded sample of
     ``n`` training examples. ``ValueError`` naming ``method`` when there is no data or it is empty (scores from an
-    empty batch would be all zero: a silently arbitrary mask).
+    empty batch would be all zero: a silently arbitrary mask), or when token ids go beyond ``model``'s vocabulary.
+    Token data (:func:`prune_lab.data.tokens`) gives ``(input_ids (n, L), attention_mask (n, L))``: the batch of
+    the next-token loss (:mod:`prune_lab.core.losses`).
 
     >>> x, y = method_batch((torch.zeros(3, 4), torch.tensor([0, 1, 1])), 256, method="snip")
     >>> x.shape
@@ -37,4 +41,26 @@ def method_batch(data, n: int, *, method: str | None, seed: int = 0, whole_pair:
         raise type(exc)(f"{who}: {exc}") from exc
     if x.shape[0] == 0:
         raise ValueError(f"{who}: data is empty (0 samples); it needs at least one.")
+    tokens = as_tokens(data, split="train")
+    if tokens is not None and model is not None:
+        try:
+            tokens.check_vocab(vocab_size(model))
+        except ValueError as exc:
+            raise ValueError(f"{who}: {exc}") from exc
     return x, y
+
+
+def data_id(ctx, method: str | None = None) -> str:
+    """The content identity of ``ctx.data`` (:func:`prune_lab.data.data_identity`), computed once per data object
+    and kept in ``ctx.cache``: the data part of the keys of a method's cached intermediates. Bad data (empty, wrong
+    types) raises here, on its first reading, with ``method`` named."""
+    key = ("second_order.data_identity", id(ctx.data))
+    hit = ctx.cache.get(key)
+    if hit is None or hit[0] is not ctx.data:
+        try:
+            ident = data_identity(ctx.data)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"method {method!r}: {exc}" if method else str(exc)) from exc
+        hit = (ctx.data, ident)
+        ctx.cache[key] = hit
+    return hit[1]

@@ -3,15 +3,18 @@ contract tests. No ``if method == ...`` chains anywhere else."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..core.graph import LayerGraph
 from ..core.validation import check_choice, check_int
+from ..data import as_tokens
 
 
 @dataclass
@@ -23,7 +26,9 @@ class ScoreContext:
     ``bn_scales``: ``{bn module: |γ/√(var+ε)|}``; ``model`` and ``data`` for data-driven methods (never modified);
     ``fingerprint``: a content hash of the weights; ``cache``: a dict owned by the session for expensive
     intermediate results (a Fisher matrix, captured activations), emptied when the weights change — key entries by
-    everything they depend on besides the weights (hyperparameters, data identity).
+    everything they depend on besides the weights (hyperparameters, data identity, ``start_key``);
+    ``start_key``: the content key of ``start_masks`` (``""`` without them; the query's ``start``, or computed from
+    the masks when a context is built without it).
     """
 
     weights: dict
@@ -39,6 +44,15 @@ class ScoreContext:
     cache: dict = field(default_factory=dict)
     allocation: str | None = None  # the allocation in force (sparsity-dependent methods may prune globally)
     info: dict = field(default_factory=dict)  # what a masks function reports about its masks (-> result.info)
+    start_key: str = ""
+
+    def __post_init__(self):
+        if self.start_masks is not None and not self.start_key:
+            h = hashlib.blake2b(digest_size=12)
+            for n in sorted(self.start_masks):
+                h.update(n.encode())
+                h.update(np.packbits(self.start_masks[n].cpu().numpy().reshape(-1)).tobytes())
+            self.start_key = h.hexdigest()
 
 
 def hparam(default, *, low=None, high=None, choices=None, log=False, help=""):
@@ -78,6 +92,21 @@ class MethodSpec:
     sorted_values: Callable | None = None
     description: str = ""
     keeps_every_layer: bool = False  # every layer's best weight has the top score (LAMP): never emptied globally
+    unsupported: tuple = ()  # ((data kind, reason), ...): kinds of data (see data_kind) it refuses, and why
+
+    def unavailable_reason(self, data=None) -> str:
+        """Why this method cannot run on ``data`` (a session's data; ``None`` = no data), or ``""`` when it can:
+        a method that needs data has none, or the kind of data (:func:`data_kind`) is one it refuses (its
+        ``unsupported`` record, e.g. SynFlow on token data). The lab shows it as the disabled method's tooltip;
+        running the method anyway raises a ``ValueError`` with the same reason.
+
+        >>> get_method("magnitude").unavailable_reason(None)
+        ''
+        """
+        kind = data_kind(data)
+        if kind == "none" and "data" in self.needs:
+            return "needs data: create the session with data=..."
+        return dict(self.unsupported).get(kind, "")
 
     def make_hyperparameters(self, **hp):
         """Validate keyword hyperparameters against the method's declared ones; returns the dataclass instance."""
@@ -124,6 +153,24 @@ class MethodSpec:
         return [(f.name, f.default, dict(f.metadata)) for f in dataclasses.fields(self.hyperparameters)]
 
 
+DATA_KINDS = ("none", "tokens", "samples")
+
+
+def data_kind(data) -> str:
+    """The kind of a session's data, as method records name it: ``"none"`` (no data), ``"tokens"`` (token ids for a
+    causal LM: :func:`prune_lab.data.tokens` or a bundle of them) or ``"samples"`` (inputs and labels: anything
+    else).
+
+    >>> data_kind(None), data_kind((torch.zeros(2, 3), torch.tensor([0, 1])))
+    ('none', 'samples')
+    """
+    if data is None:
+        return "none"
+    if as_tokens(data, split="train") is not None or as_tokens(data, split="test") is not None:
+        return "tokens"
+    return "samples"
+
+
 _METHODS: dict = {}
 _UPDATERS: dict = {}
 
@@ -132,6 +179,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry. Registering a name twice is an error."""
     if spec.name in _METHODS:
         raise ValueError(f"method {spec.name!r} is already registered.")
+    bad = [k for k, _ in spec.unsupported if k not in DATA_KINDS]
+    if bad:
+        raise ValueError(f"method {spec.name!r}: unsupported data kinds must be among {DATA_KINDS}, got {bad}.")
     _METHODS[spec.name] = spec
     return spec
 

@@ -8,18 +8,19 @@ damping, blocks, starting masks), so moving the sparsity reuses them.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from ..core import obs as O
+from ..core import cbs as CBS
+from ..core import fisher as FI
+from ..core import obs_layerwise as LW
+from ..core.capture import eval_mode
+from ..core.losses import is_token_batch, loss_terms, model_loss
 from ..core.validation import match_input_dtype
-from ..data import data_identity
-from ._data import method_batch
+from ..data import as_tokens
+from ._data import data_id, method_batch
 from .registry import MethodSpec, hparam, register_method, register_updater
 
 CBS_REF = "Yu, Serra, Ramalingam, Zhe: The Combinatorial Brain Surgeon, ICML 2022 (arXiv 2203.04466)"
@@ -93,29 +94,6 @@ class LayerwiseOBSHyperparameters:
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
-def _masks_key(ctx) -> str:
-    if ctx.start_masks is None:
-        return ""
-    h = hashlib.blake2b(digest_size=12)
-    for n in sorted(ctx.start_masks):
-        h.update(n.encode())
-        h.update(np.packbits(ctx.start_masks[n].cpu().numpy().reshape(-1)).tobytes())
-    return h.hexdigest()
-
-
-def _data_id(ctx, method: str | None = None) -> str:
-    key = ("second_order.data_identity", id(ctx.data))
-    hit = ctx.cache.get(key)
-    if hit is None or hit[0] is not ctx.data:
-        try:  # the data's first reading: bad data (empty, wrong types) is named with the method asking for it
-            ident = data_identity(ctx.data)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"method {method!r}: {exc}" if method else str(exc)) from exc
-        hit = (ctx.data, ident)
-        ctx.cache[key] = hit
-    return hit[1]
-
-
 def _require_data(ctx, what):
     if ctx.data is None or ctx.model is None:
         raise ValueError(f"{what} needs data (a batch, a DataLoader or a prune_lab dataset) and the model; pass "
@@ -150,10 +128,10 @@ def _method(hp) -> str:
 def _batch(ctx, n, method="second-order"):
     if ctx.data is None:
         method_batch(None, n, method=method)  # raises: names the method
-    key = ("second_order.batch", _data_id(ctx, method), int(n), ctx.seed)
+    key = ("second_order.batch", data_id(ctx, method), int(n), ctx.seed)
     hit = ctx.cache.get(key)
     if hit is None:
-        x, y = method_batch(ctx.data, n, method=method, seed=ctx.seed, whole_pair=False)
+        x, y = method_batch(ctx.data, n, method=method, seed=ctx.seed, whole_pair=False, model=ctx.model)
         # float32 data for a half-precision model: the inputs are cast to the model's precision
         x = match_input_dtype(x, [ctx.weights[k] for k in ctx.prunable])
         hit = (x.to(ctx.device), y.to(ctx.device))
@@ -161,22 +139,22 @@ def _batch(ctx, n, method="second-order"):
     return hit
 
 
-def _fisher(ctx, hp) -> O.EmpiricalFisher:
+def _fisher(ctx, hp) -> FI.EmpiricalFisher:
     """The cached empirical Fisher for ``hp`` (per-sample gradients shared across damping / blocks)."""
     _require_data(ctx, "the empirical Fisher")
-    base = (_data_id(ctx, _method(hp)), int(hp.n_samples), ctx.seed, _masks_key(ctx), tuple(ctx.prunable))
+    base = (data_id(ctx, _method(hp)), int(hp.n_samples), ctx.seed, ctx.start_key, tuple(ctx.prunable))
     gkey = ("second_order.grads",) + base
     grads = ctx.cache.get(gkey)
     if grads is None:
         x, y = _batch(ctx, hp.n_samples, _method(hp))
-        grads = O.per_sample_gradients(ctx.model, ctx.weights, ctx.prunable, x, y, chunk_size=hp.grad_chunk,
+        grads = FI.per_sample_gradients(ctx.model, ctx.weights, ctx.prunable, x, y, chunk_size=hp.grad_chunk,
                                        progress=True)
         ctx.cache[gkey] = grads
     fkey = ("second_order.fisher", float(hp.damping), hp.blocks, int(hp.block_size)) + base
     fisher = ctx.cache.get(fkey)
     if fisher is None:
-        blocks = O.fisher_blocks(_sizes(ctx), blocks=hp.blocks, block_size=hp.block_size)
-        fisher = O.EmpiricalFisher(grads, float(hp.damping), blocks)
+        blocks = FI.fisher_blocks(_sizes(ctx), blocks=hp.blocks, block_size=hp.block_size)
+        fisher = FI.EmpiricalFisher(grads, float(hp.damping), blocks)
         ctx.cache[fkey] = fisher
     return fisher
 
@@ -214,7 +192,7 @@ def _lowest_per_layer(ctx, scores: torch.Tensor, counts: dict) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ WoodFisher
 def _wf_saliency(ctx, hp) -> torch.Tensor:
     fisher = _fisher(ctx, hp)
-    rho = O.obs_saliency(_flat(ctx), _inverse_diag(ctx, hp, fisher))
+    rho = FI.obs_saliency(_flat(ctx), _inverse_diag(ctx, hp, fisher))
     fixed = _fixed(ctx)
     return rho if fixed is None else torch.where(fixed, torch.full_like(rho, -torch.inf), rho)
 
@@ -231,7 +209,7 @@ def _wf_masks(ctx, counts, hp):
     if not hp.obs_update:
         return masks
     fisher = _fisher(ctx, hp)
-    new = O.woodfisher_update(fisher, _flat(ctx), pruned, _inverse_diag(ctx, hp, fisher))
+    new = FI.woodfisher_update(fisher, _flat(ctx), pruned, _inverse_diag(ctx, hp, fisher))
     return masks, _unflatten(ctx, new)
 
 
@@ -250,22 +228,18 @@ def _loss_fn(ctx, hp, w_flat):
     fixed.update({k: v.detach() for k, v in ctx.model.named_buffers()})
     fixed.update({k: v.detach() for k, v in ctx.weights.items()})
     model = ctx.model
+    chunk = 32 if is_token_batch(x, y) else 1024  # sequences or samples per forward pass
 
     def loss(pruned):
         params = dict(fixed)
         params.update(_unflatten(ctx, torch.where(pruned, torch.zeros_like(w_flat), w_flat)))
-        modes = [(m, m.training) for m in model.modules()]
-        try:
-            model.eval()
-            with torch.no_grad():
-                total = 0.0
-                for a in range(0, x.shape[0], 1024):
-                    out = functional_call(model, params, (x[a:a + 1024],))
-                    total += float(F.cross_entropy(out, y[a:a + 1024], reduction="sum"))
-        finally:
-            for m, training in modes:
-                m.training = training
-        return total / x.shape[0]
+        with eval_mode(model), torch.no_grad():
+            total, terms = 0.0, 0
+            for a in range(0, x.shape[0], chunk):
+                xb, yb = x[a:a + chunk], y[a:a + chunk]
+                total += float(model_loss(model, params, xb, yb, reduction="sum"))
+                terms += loss_terms(xb, yb)
+        return total / max(terms, 1)
 
     return loss
 
@@ -280,7 +254,7 @@ def _cbs_pruned(ctx, counts, hp) -> tuple:
         bounds = np.cumsum([0] + sizes)
         units = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         unit_counts = [int(counts[n]) for n in ctx.prunable]
-    res = O.cbs_select(fisher, w, units, unit_counts, trials=hp.trials, chunks=hp.chunks, epsilon=hp.epsilon,
+    res = CBS.cbs_select(fisher, w, units, unit_counts, trials=hp.trials, chunks=hp.chunks, epsilon=hp.epsilon,
                        window=hp.window, max_swaps=hp.max_swaps, max_misses=hp.max_misses,
                        loss_fn=_loss_fn(ctx, hp, w), eval_every=hp.eval_every, fixed=_fixed(ctx), progress=True)
     ctx.cache[("second_order.last_cbs", ctx.seed)] = res
@@ -290,7 +264,7 @@ def _cbs_pruned(ctx, counts, hp) -> tuple:
 
 def _cbs_masks(ctx, counts, hp):
     fisher, w, pruned = _cbs_pruned(ctx, counts, hp)
-    return _pruned_to_masks(ctx, pruned), _unflatten(ctx, O.cbs_update(fisher, w, pruned))
+    return _pruned_to_masks(ctx, pruned), _unflatten(ctx, CBS.cbs_update(fisher, w, pruned))
 
 
 def _cbs_select_masks(ctx, counts, hp):
@@ -311,20 +285,23 @@ def cbs_u_update(ctx, masks: dict) -> dict:
     hp = CBSHyperparameters()
     fisher = _fisher(ctx, hp)
     pruned = torch.cat([~masks[n].reshape(-1).to(ctx.device) for n in ctx.prunable])
-    return _unflatten(ctx, O.cbs_update(fisher, _flat(ctx), pruned))
+    return _unflatten(ctx, CBS.cbs_update(fisher, _flat(ctx), pruned))
 
 
 # ------------------------------------------------------------------------------------------------ layerwise OBS
-def _hessians(ctx, hp) -> O.LayerHessians:
-    """The layer Hessians, computed on demand and kept within ``O.LayerHessians.max_bytes`` (beyond it, one layer
+def _hessians(ctx, hp) -> LW.LayerHessians:
+    """The layer Hessians, computed on demand and kept within ``LW.LayerHessians.max_bytes`` (beyond it, one layer
     at a time: the callers below use one layer's Hessian and drop it before asking for the next)."""
     _require_data(ctx, "layerwise OBS")
-    key = ("second_order.layer_hessians", _data_id(ctx, "obs_layerwise"), int(hp.n_samples), ctx.seed, _masks_key(ctx),
+    key = ("second_order.layer_hessians", data_id(ctx, "obs_layerwise"), int(hp.n_samples), ctx.seed, ctx.start_key,
            tuple(ctx.prunable))
     hit = ctx.cache.get(key)
     if hit is None:
-        x, _ = _batch(ctx, hp.n_samples, "obs_layerwise")
-        hit = O.LayerHessians(ctx.model, ctx.weights, ctx.prunable, x)
+        x, y = _batch(ctx, hp.n_samples, "obs_layerwise")
+        # token data: (ids, attention mask), run in the data's batches; the padding positions stay out of H
+        tokens = as_tokens(ctx.data, split="train") if is_token_batch(x, y) else None
+        hit = LW.LayerHessians(ctx.model, ctx.weights, ctx.prunable, x, mask=None if tokens is None else y,
+                              batch_size=256 if tokens is None else tokens.batch_size)
         ctx.cache[key] = hit
     return hit
 
@@ -333,7 +310,7 @@ def _obc_scores(ctx, hp):
     H = _hessians(ctx, hp)
     out = {}
     for n in ctx.prunable:
-        s = O.obs_layerwise_saliency(ctx.weights[n], H[n], hp.damp).to(torch.float32)
+        s = LW.obs_layerwise_saliency(ctx.weights[n], H[n], hp.damp).to(torch.float32)
         if ctx.start_masks is not None:
             s = torch.where(ctx.start_masks[n].to(s.device), s, torch.full_like(s, -torch.inf))
         out[n] = s
@@ -344,7 +321,7 @@ def _obc_masks(ctx, counts, hp):
     from tqdm.auto import tqdm
 
     H = _hessians(ctx, hp)
-    nm = None if hp.pattern == "unstructured" else O.parse_nm(hp.pattern)
+    nm = None if hp.pattern == "unstructured" else LW.parse_nm(hp.pattern)
     masks, weights = {}, {}
     for n in tqdm(ctx.prunable, desc="layerwise OBS", disable=None, leave=False):
         w = ctx.weights[n]
@@ -357,9 +334,9 @@ def _obc_masks(ctx, counts, hp):
                     f"pattern {hp.pattern!r} prunes exactly {1 - nm[0] / nm[1]:g} of every layer (needs an input "
                     f"size that is a multiple of {nm[1]}); layer {n!r} was asked to prune {counts[n]} of "
                     f"{w.numel()} weights. Use sparsity={1 - nm[0] / nm[1]:g} with allocation='uniform'.")
-            m, new = O.obs_layerwise(w, H[n], nm=nm, block_columns=hp.block_columns, damp=hp.damp, fixed=fixed)
+            m, new = LW.obs_layerwise(w, H[n], nm=nm, block_columns=hp.block_columns, damp=hp.damp, fixed=fixed)
         else:
-            m, new = O.obs_layerwise(w, H[n], int(counts[n]), block_columns=hp.block_columns, damp=hp.damp,
+            m, new = LW.obs_layerwise(w, H[n], int(counts[n]), block_columns=hp.block_columns, damp=hp.damp,
                                      fixed=fixed)
         masks[n], weights[n] = m, new
     return masks, weights

@@ -4,9 +4,15 @@ The score of weight ``W_ij`` is ``|W_ij| · ‖X_j‖₂``, where ``X_j`` is inp
 calibration token (batch × sequence; padding excluded) or sample. The inputs are captured by forward pre-hooks on
 one pass of the model over ``n_calibration`` calibration sequences (a seeded sample of the data's ``train`` split,
 the same every call), and the per-layer norms are cached in the session keyed by the data's content and ``n``.
-The pass runs the dense model (or, with starting ``masks=``, the already-pruned one), so the norms do not depend on
-the sparsity and moving it costs one sort per row. The reference code instead prunes block by block and feeds each
-block the outputs of the already-pruned blocks before it (sparsity-dependent norms), which this does not reproduce.
+By default (``sequential=False``) the pass runs the dense model (or, with starting ``masks=``, the already-pruned
+one), so the norms do not depend on the sparsity and moving it costs one sort per row. ``sequential=True`` follows
+the reference code's order: the decoder blocks (:func:`prune_lab.models.hf.decoder_blocks`; in a model without
+them, every layer on its own) are calibrated and pruned one after the other, block ``k``'s norms coming from a pass in
+which the blocks before it are already pruned (its own layers dense, as in the reference, which records a whole
+block before pruning it). That costs one calibration pass per block (each stopped after the block) at every
+sparsity; the norms then depend on the sparsity (the scores the engine ranks for a global-type allocation's
+per-layer counts stay the one-pass ones). Layers outside the blocks (an ``lm_head`` that is not excluded)
+come after them, each on its own.
 
 ``group="row"`` (default, the paper's): every output row is pruned to the layer's sparsity: with ``k`` weights to
 prune in a layer of ``R`` rows, each row loses ``⌊k/R⌋`` of its lowest-scored weights and the ``k mod R``
@@ -21,20 +27,21 @@ not Linear layers: convert them with :func:`prune_lab.models.conv1d_to_linear`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..core.graph import input_channel_index, stored_weight
+from ..core.capture import conv_patches, eval_mode, input_hooks, token_rows
+from ..core.graph import stored_weight
+from ..core.neighbours import input_channel_index
 from ..core.validation import input_error, match_input_dtype
 from ..data import as_tokens
-from ..models.hf import forward_kwargs, vocab_size
-from ._data import method_batch
+from ..models.hf import decoder_blocks, forward_kwargs, vocab_size
+from ._data import data_id, method_batch
 from .registry import MethodSpec, hparam, register_method
-from .second_order import _data_id, _masks_key
 
 WANDA_REF = ("Sun, Liu, Bair, Kolter: A Simple and Effective Pruning Approach for Large Language Models (Wanda), "
              "ICLR 2024 (arXiv 2306.11695)")
@@ -51,6 +58,10 @@ class WandaHyperparameters:
     group: str = hparam("row", choices=("row", "layer"),
                         help="'row': each output row keeps the layer's density (the paper); 'layer': the layer's "
                              "lowest scores wherever they are.")
+    sequential: bool = hparam(False, choices=(False, True),
+                              help="True: calibrate block by block, each block's inputs coming from the already "
+                                   "pruned blocks before it (the reference code; one pass per block and sparsity); "
+                                   "False: one pass of the dense model.")
 
 
 # ------------------------------------------------------------------------------------------------ input norms
@@ -59,33 +70,44 @@ def _conv_sq(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Conv3d) or not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         raise ValueError(f"Wanda scores Linear, Conv1d and Conv2d layers; {type(mod).__name__} is not supported: "
                          f"exclude it (exclude=[...]).")
-    pad = list(mod._reversed_padding_repeated_twice)
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if mod.padding_mode == "zeros" else mod.padding_mode)
-    kernel, dilation, stride = mod.kernel_size, mod.dilation, mod.stride
-    if isinstance(mod, nn.Conv1d):
-        x, kernel, dilation, stride = x.unsqueeze(2), (1,) + kernel, (1,) + dilation, (1,) + stride
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C·k, P)
+    cols = conv_patches(mod, x)  # (B, C·k, P)
     return cols.pow(2).sum((0, 2)).reshape((x.shape[1],) + tuple(mod.kernel_size))
 
 
 def _linear_sq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Σ over tokens (or samples) of the squared input features: ``(in,)``; padding positions left out."""
-    if mask is not None:
-        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.bool()]
-        elif x.dim() == 2 and x.shape[0] == mask.numel():
-            x = x[mask.reshape(-1).bool()]
-    return x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+    return token_rows(x, mask).pow(2).sum(0)
+
+
+class _StopPass(Exception):
+    """Raised by a forward hook to end a calibration pass once the layers of interest have run."""
+
+
+@contextlib.contextmanager
+def _stopping_after(module: nn.Module | None):
+    """Inside the block, every forward pass ends (``_StopPass``) once ``module`` has run (nothing when ``None``)."""
+    if module is None:
+        yield
+        return
+
+    def stop(_m, _inputs, _output):
+        raise _StopPass
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, weights: dict | None = None,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, stop_after: nn.Module | None = None) -> dict:
     """``{weight name: ‖X_j‖₂}`` for the Linear / Conv1d / Conv2d layers ``names`` (default: all of them): the
     norm of every input feature over ``n`` calibration sequences (token data, padding excluded) or samples of
     ``data``'s train split. Shapes: ``(in_features,)`` for a Linear, ``(C_in, *kernel)`` for a conv (unfolded
     patches). ``weights`` (``{name: tensor}``) replace the model's during the pass (``functional_call``); the model
-    is not modified and its train/eval modes are restored.
+    is not modified and its train/eval modes are restored. ``stop_after``: a submodule after whose forward each
+    pass ends (the layers ``names`` must all run before it ends).
 
     >>> net = nn.Sequential(nn.Linear(2, 1))
     >>> input_feature_norms(net, (torch.tensor([[3.0, 0.0], [4.0, 1.0]]), torch.tensor([0, 0])))["0.weight"]
@@ -123,36 +145,28 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
     sums: dict = {name: None for name in names}
     current: dict = {"mask": None}
 
-    def hook_for(name, mod):
-        def hook(_m, inputs):
-            inp = inputs[0].detach().float()
-            sq = _linear_sq(inp, current["mask"]) if isinstance(mod, nn.Linear) else _conv_sq(mod, inp)
-            sq = sq.double()
-            sums[name] = sq if sums[name] is None else sums[name] + sq
-        return hook
+    def record(name, mod, inp):
+        inp = inp.detach().float()
+        sq = _linear_sq(inp, current["mask"]) if isinstance(mod, nn.Linear) else _conv_sq(mod, inp)
+        sq = sq.double()
+        sums[name] = sq if sums[name] is None else sums[name] + sq
 
-    handles = [m.register_forward_pre_hook(hook_for(name, m)) for name in names for m in owners[name]]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            for a in range(0, x.shape[0], chunk):
-                xb = x[a:a + chunk].to(dev)
-                kw = {}
-                if tokens is not None:
-                    current["mask"] = aux[a:a + chunk].to(dev)
-                    kw = forward_kwargs(model, current["mask"])
-                try:
-                    functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
-                except RuntimeError as exc:
-                    if a or tokens is not None or isinstance(exc, torch.cuda.OutOfMemoryError):
-                        raise
-                    raise input_error(exc, x, what="data") from exc
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.training = training
+    pairs = [(name, m) for name in names for m in owners[name]]
+    with eval_mode(model), input_hooks(pairs, record), _stopping_after(stop_after), torch.no_grad():
+        for a in range(0, x.shape[0], chunk):
+            xb = x[a:a + chunk].to(dev)
+            kw = {}
+            if tokens is not None:
+                current["mask"] = aux[a:a + chunk].to(dev)
+                kw = forward_kwargs(model, current["mask"])
+            try:
+                functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
+            except _StopPass:
+                pass
+            except RuntimeError as exc:
+                if a or tokens is not None or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                raise input_error(exc, x, what="data") from exc
     silent = [name for name in names if sums[name] is None]
     if silent:
         raise ValueError(f"Wanda: layer(s) {', '.join(map(repr, silent[:3]))} never ran on the calibration data, so "
@@ -166,7 +180,7 @@ def _norms(ctx, hp) -> dict:
         raise ValueError("wanda needs calibration data (prune_lab.data.tokens(ids) for a language model, or a "
                          "batch / DataLoader / prune_lab dataset) and the model; pass data=... to the session or to "
                          "prune().")
-    key = ("wanda.norms", _data_id(ctx, "wanda"), int(hp.n_calibration), _masks_key(ctx), tuple(ctx.prunable))
+    key = ("wanda.norms", data_id(ctx, "wanda"), int(hp.n_calibration), ctx.start_key, tuple(ctx.prunable))
     hit = ctx.cache.get(key)
     if hit is None:
         weights = ctx.weights if ctx.start_masks is not None else None  # the already-pruned model's activations
@@ -230,22 +244,73 @@ def row_pruned(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pruned_sorted).scatter(1, order, pruned_sorted)
 
 
-def _masks(ctx, counts, hp) -> dict:
-    scores = _scores(ctx, hp)
-    out = {}
-    for n in ctx.prunable:
-        s = scores[n]
-        if ctx.start_masks is not None:
-            s = torch.where(ctx.start_masks[n].to(s.device), s, torch.full_like(s, float("-inf")))
-        k = int(counts[n])
-        if hp.group == "row":
-            pruned = row_pruned(s.reshape(s.shape[0], -1), k).reshape(s.shape)
+def _layer_mask(ctx, name: str, s: torch.Tensor, k: int, hp) -> torch.Tensor:
+    """Kept (True) weights of layer ``name`` from its scores ``s``: ``k`` pruned by row or over the layer."""
+    if ctx.start_masks is not None:
+        s = torch.where(ctx.start_masks[name].to(s.device), s, torch.full_like(s, float("-inf")))
+    if hp.group == "row":
+        pruned = row_pruned(s.reshape(s.shape[0], -1), k).reshape(s.shape)
+    else:
+        pruned = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+        pruned[torch.sort(s.reshape(-1), stable=True).indices[:k]] = True
+        pruned = pruned.reshape(s.shape)
+    return ~pruned
+
+
+def calibration_groups(model: nn.Module, names: list) -> list:
+    """``[(block module or None, [weight names])]``: the layers ``names`` grouped by decoder block
+    (:func:`prune_lab.models.hf.decoder_blocks`), blocks in order, then every layer outside a block on its own (in
+    ``names`` order). The units of ``sequential=True``.
+
+    >>> groups = calibration_groups(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), ["0.weight", "1.weight"])
+    >>> [g for _, g in groups]
+    [['0.weight'], ['1.weight']]
+    """
+    blocks = decoder_blocks(model)
+    module_of: dict = {}
+    for mname, m in model.named_modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            module_of.setdefault(f"{mname}.{pname}" if mname else pname, mname)
+    inside = [[] for _ in blocks]
+    outside = []
+    for n in names:
+        mname = module_of.get(n, n.rsplit(".", 1)[0])
+        for i, (bname, _) in enumerate(blocks):
+            if mname.startswith(bname + "."):
+                inside[i].append(n)
+                break
         else:
-            pruned = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
-            pruned[torch.sort(s.reshape(-1), stable=True).indices[:k]] = True
-            pruned = pruned.reshape(s.shape)
-        out[n] = ~pruned
+            outside.append(n)
+    return ([(b, g) for (_, b), g in zip(blocks, inside) if g] + [(None, [n]) for n in outside])
+
+
+def _sequential_masks(ctx, counts, hp) -> dict:
+    """Block by block: block k's norms from a pass with the blocks before it already pruned (see the module)."""
+    if ctx.data is None or ctx.model is None:
+        _norms(ctx, hp)  # raises the explanation
+    base = data_id(ctx, "wanda"), int(hp.n_calibration), ctx.start_key, tuple(ctx.prunable), hp.group
+    overrides = {n: ctx.weights[n] for n in ctx.prunable} if ctx.start_masks is not None else {}
+    out, before = {}, ()
+    for block, names in calibration_groups(ctx.model, ctx.prunable):
+        key = ("wanda.sequential_norms",) + base + (tuple(names), before)
+        norms = ctx.cache.get(key)
+        if norms is None:
+            norms = {k: v.to(ctx.device) for k, v in input_feature_norms(
+                ctx.model, ctx.data, names, n=hp.n_calibration, weights=overrides or None, stop_after=block).items()}
+            ctx.cache[key] = norms
+        for n in names:
+            w = ctx.weights[n]
+            out[n] = _layer_mask(ctx, n, wanda_scores(w, norms[n], ctx.graph.layers[n].groups), int(counts[n]), hp)
+            overrides[n] = w * out[n].to(w.device, w.dtype)
+        before += tuple((n, int(counts[n])) for n in names)
     return out
+
+
+def _masks(ctx, counts, hp) -> dict:
+    if hp.sequential:
+        return _sequential_masks(ctx, counts, hp)
+    scores = _scores(ctx, hp)
+    return {n: _layer_mask(ctx, n, scores[n], int(counts[n]), hp) for n in ctx.prunable}
 
 
 register_method(MethodSpec(
@@ -253,5 +318,6 @@ register_method(MethodSpec(
     hyperparameters=WandaHyperparameters, masks=_masks,
     description="|W_ij|·‖X_j‖₂: weight magnitude times the norm of its input feature over the calibration tokens "
                 "(forward hooks); each output row pruned to the layer's sparsity (group='row', the paper) or the "
-                "layer's lowest scores (group='layer'). Made for LLMs (no retraining, no weight update); works on "
+                "layer's lowest scores (group='layer'); sequential=True calibrates block by block on the already "
+                "pruned blocks (the reference code). Made for LLMs (no retraining, no weight update); works on "
                 "any Linear / Conv1d / Conv2d model."))

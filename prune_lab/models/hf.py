@@ -6,6 +6,7 @@ transformers).
   names for ``PruneSession(..., exclude=...)``.
 - :func:`conv1d_to_linear`: a copy of a GPT-2-style model with ``transformers``' ``Conv1D`` layers (weight
   ``(in, out)``) turned into equivalent ``nn.Linear`` layers, which prune_lab prunes.
+- :func:`decoder_blocks`: the decoder blocks in order, the unit of Wanda's block-by-block calibration.
 - :func:`output_logits`, :func:`forward_kwargs`, :func:`vocab_size`: what evaluation needs to run an LM.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["causal_lm_exclude", "conv1d_to_linear", "forward_kwargs", "is_hf_model", "output_logits",
-           "vocab_size"]
+__all__ = ["causal_lm_exclude", "conv1d_to_linear", "decoder_blocks", "forward_kwargs", "is_hf_model",
+           "output_logits", "vocab_size"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -39,6 +40,24 @@ def _block_prefix(model: nn.Module) -> str | None:
         if isinstance(m, nn.ModuleList) and len(m) > size and any(isinstance(x, _PRUNABLE) for x in m.modules()):
             best, size = name, len(m)
     return best
+
+
+def decoder_blocks(model: nn.Module) -> list:
+    """``[(module name, module)]`` of the decoder blocks, in order: the children of the longest ``nn.ModuleList``
+    holding Linear/Conv layers (``model.layers``, ``model.decoder.layers``, ``gpt_neox.layers``,
+    ``transformer.h``); ``[]`` for a model without one.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+    ...                                   num_hidden_layers=2, num_attention_heads=4))
+    >>> [name for name, _ in decoder_blocks(lm)]
+    ['model.layers.0', 'model.layers.1']
+    """
+    prefix = _block_prefix(model)
+    if prefix is None:
+        return []
+    stack = model.get_submodule(prefix)
+    return [(f"{prefix}.{i}" if prefix else str(i), block) for i, block in enumerate(stack)]
 
 
 def causal_lm_exclude(model: nn.Module) -> list:

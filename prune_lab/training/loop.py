@@ -10,14 +10,15 @@ import numbers
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..core.capture import eval_mode
 from ..core.device import resolve_device
+from ..core.losses import batch_loss, lm_forward_kwargs, model_loss, next_token_stats, output_logits
 from ..core.validation import floating_dtype
 from ..data import as_tokens, iter_batches, resolve_dataset
-from ..models.hf import forward_kwargs, output_logits, vocab_size
+from ..models.hf import vocab_size
 
 __all__ = ["OPTIMIZERS", "resolve_device", "check_masks", "train", "evaluate", "perplexity", "next_token_stats",
            "recalibrate_bn"]
@@ -202,11 +203,10 @@ def train(
                     x = x.to(dev, non_blocking=True)
                     y = y.to(dev, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
-                    if tokens is not None:  # y: the attention mask
-                        nll, _, count = next_token_stats(output_logits(model(x, **forward_kwargs(model, y))), x, y)
-                        loss = nll / max(count, 1)
+                    if tokens is not None:  # y: the attention mask; the mean next-token loss over real tokens
+                        loss = model_loss(model, None, x, y)
                     else:
-                        loss = F.cross_entropy(_run(model, {}, x, first=step == 0 and seen == 1), y)
+                        loss = batch_loss(_run(model, {}, x, first=step == 0 and seen == 1), x, y)
                     loss.backward()
                     for p, pruned in masked:
                         if p.grad is not None:
@@ -277,27 +277,6 @@ def _run(model: nn.Module, overrides: dict, x: torch.Tensor, first: bool) -> tor
                          f"{x.dtype}: {exc}") from exc
 
 
-def next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(nll_sum float64, correct int64, n_predicted)`` of a causal LM's next-token predictions:
-    ``logits[:, :-1]`` against ``ids[:, 1:]``, counting the positions where both the input and the target token are
-    real (``mask`` 1; padding excluded). ``logits: (B, L, V)``, ``ids``, ``mask: (B, L)``.
-
-    >>> nll, correct, n = next_token_stats(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]))
-    >>> round(float(nll) / n, 4), n   # uniform over 4 tokens: log 4
-    (1.3863, 2)
-    """
-    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
-        raise ValueError(f"a causal LM must return logits (batch, seq_len, vocab) = {tuple(ids.shape)} + (V,); got "
-                         f"{tuple(logits.shape)}.")
-    pred, target = logits[:, :-1].float(), ids[:, 1:]
-    valid = torch.ones_like(target, dtype=torch.bool) if mask is None else (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    valid = valid.reshape(-1)
-    correct = ((pred.argmax(-1).reshape(-1) == target.reshape(-1)) & valid).sum()
-    return (nll * valid).sum(dtype=torch.float64), correct, int(valid.sum())
-
-
 def _evaluate_tokens(model, tokens, overrides, dev, batch_size) -> dict[str, float]:
     """Next-token loss, perplexity and top-1 accuracy over every real token of ``tokens`` (see :func:`evaluate`)."""
     tokens.check_vocab(vocab_size(model))
@@ -306,7 +285,7 @@ def _evaluate_tokens(model, tokens, overrides, dev, batch_size) -> dict[str, flo
     n = 0
     for ids, mask in tokens.batches(batch_size):
         ids, mask = ids.to(dev), mask.to(dev)
-        kw = forward_kwargs(model, mask)
+        kw = lm_forward_kwargs(model, mask)
         out = functional_call(model, overrides, (ids,), kw) if overrides else model(ids, **kw)
         a, b, c = next_token_stats(output_logits(out), ids, mask)
         nll += a
@@ -349,20 +328,13 @@ def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto",
     overrides = _overrides(model, masks, dev, weights)
     tokens = as_tokens(data, split="test")
     if tokens is not None:
-        modes = _save_modes(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                return _evaluate_tokens(model, tokens, overrides, dev, batch_size)
-        finally:
-            _restore_modes(modes)
+        with eval_mode(model), torch.no_grad():
+            return _evaluate_tokens(model, tokens, overrides, dev, batch_size)
     batch_size = 512 if batch_size is None else batch_size
-    modes = _save_modes(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     n = 0
-    try:
-        model.eval()
+    with eval_mode(model):
         with torch.no_grad():
             dtype = floating_dtype(model.parameters())
             for x, y in iter_batches(data, split="test", batch_size=batch_size):
@@ -376,11 +348,9 @@ def evaluate(model: nn.Module, data, *, masks=None, weights=None, device="auto",
                     raise ValueError(f"data: labels must be class indices in [0, {out.shape[1]}) for a model with "
                                      f"{out.shape[1]} outputs; got labels from {lo} to {hi}. Do the data and the "
                                      f"model match?")
-                loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+                loss_sum += batch_loss(out, x, y, reduction="sum").double()
                 correct += (out.argmax(dim=1) == y).sum()
                 n += int(y.shape[0])
-    finally:
-        _restore_modes(modes)
     if n == 0:
         raise ValueError("data yielded no evaluation samples")
     return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}

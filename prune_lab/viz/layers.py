@@ -8,6 +8,8 @@ figure. The figure's geometry (``fig.layer_geometry``) maps a pixel back to the 
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 from matplotlib.collections import PolyCollection
@@ -16,8 +18,8 @@ from matplotlib.patches import Patch
 from .plots import PlotFigure, method_color, method_label, paper_style
 
 COLUMNS = (("sparsity", "layer sparsity\n(fraction of its\nweights removed)"),
-           ("relative_frobenius", "single-layer distortion\n(relative)\n‖W − W̃‖ / ‖W‖"),
-           ("relative_lookahead", "lookahead distortion\n(relative)\n‖W₊ΔW W₋‖ / ‖W₊W W₋‖"))
+           ("relative_frobenius", "single-layer distortion\n(relative to the layer:\n‖W − W̃‖ / ‖W‖)"),
+           ("relative_lookahead", "lookahead distortion\n(relative to removing\nthe whole layer)"))
 FONT_PT = 9.0  # never below 8 pt at 100 % zoom (the figure is drawn at the screen's 96 dpi)
 _MAX_LABEL = 30
 
@@ -65,12 +67,48 @@ def unique_labels(layers, limit: int = _MAX_LABEL) -> list:
     return labels
 
 
-def _text_width_px(text: str, dpi: int) -> float:
+_INDEX = re.compile(r"^(?:[A-Za-z_]*?_)?(\d+)$")  # a path part that numbers a block: "3", "encoder_layer_11"
+
+
+def layer_blocks(layers) -> list | None:
+    """The repeated block each layer belongs to, or None when the model has no such structure: the path up to the
+    first numbered part (``model.layers.3.self_attn.q_proj.weight`` → ``model.layers.3``), when at least two blocks
+    hold two or more layers each and every layer of a block is contiguous.
+
+    >>> layer_blocks(["emb.weight", "h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight", "h.1.attn.c_attn.weight",
+    ...               "h.1.mlp.c_fc.weight"])
+    ['', 'h.0', 'h.0', 'h.1', 'h.1']
+    >>> layer_blocks(["conv1.weight", "fc.weight"]) is None
+    True
+    """
+    blocks = []
+    for name in layers:
+        parts = name.split(".")
+        cut = next((j for j, p in enumerate(parts[:-1]) if _INDEX.match(p)), None)
+        blocks.append("" if cut is None else ".".join(parts[:cut + 1]))
+    runs = [b for j, b in enumerate(blocks) if b and (j == 0 or blocks[j - 1] != b)]
+    sizes = {b: blocks.count(b) for b in set(runs)}
+    if len(runs) != len(set(runs)) or sum(1 for v in sizes.values() if v >= 2) < 2:
+        return None
+    return blocks
+
+
+def _block_labels(layers, blocks) -> list:
+    """Each layer's name inside its block, kept distinct within the block (see :func:`unique_labels`)."""
+    labels = [""] * len(layers)
+    for b in dict.fromkeys(blocks):
+        js = [j for j, x in enumerate(blocks) if x == b]
+        for j, label in zip(js, unique_labels([layers[j][len(b) + 1:] if b else layers[j] for j in js])):
+            labels[j] = label
+    return labels
+
+
+def _text_width_px(text: str, dpi: int, weight: str = "normal") -> float:
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
 
     with paper_style():
-        font = FontProperties(size=FONT_PT)
+        font = FontProperties(size=FONT_PT, weight=weight)
         return RendererAgg(10, 10, dpi).get_text_width_height_descent(text, font, ismath=False)[0]
 
 
@@ -87,21 +125,25 @@ def plot_layers(data: pd.DataFrame, *, width_px: int = 960, dpi: int = 96, title
     >>> t = pd.DataFrame({"method": ["lamp"] * 2, "layer": ["a.weight", "b.weight"], "n_weights": [10, 4],
     ...                   "sparsity": [0.5, 0.25], "relative_frobenius": [0.1, 0.2]})
     >>> [ax.get_title(loc="left") for ax in plot_layers(t).axes]
-    ['layer sparsity\\n(fraction of its\\nweights removed)', 'single-layer distortion\\n(relative)\\n‖W − W̃‖ / ‖W‖']
+    ['layer sparsity\\n(fraction of its\\nweights removed)', 'single-layer distortion\\n(relative to the layer:\\n‖W − W̃‖ / ‖W‖)']
     """
     methods = list(dict.fromkeys(data["method"]))
     layers = list(dict.fromkeys(data["layer"]))
     cols = [(c, t) for c, t in COLUMNS if c in data.columns] if columns is None else \
         [(c, t) for c, t in COLUMNS if c in columns]
-    labels = unique_labels(layers)
+    blocks = layer_blocks(layers)
+    labels = unique_labels(layers) if blocks is None else _block_labels(layers, blocks)
+    block_labels = [] if blocks is None else [
+        (j, short_layer_name(b, 24)) for j, b in enumerate(blocks) if b and (j == 0 or blocks[j - 1] != b)]
     row = _row_px(len(methods))
     top_px, bottom_px = 104.0, 34.0  # the heading, the legend below it, then three-line column titles
     height_px = top_px + bottom_px + row * max(len(layers), 1)
-    label_px = 14 + _text_width_px(max(labels, key=len, default=""), dpi)
+    block_px = 12 + max((_text_width_px(b, dpi, "bold") for _, b in block_labels), default=-12)
+    label_px = 14 + block_px + _text_width_px(max(labels, key=len, default=""), dpi)
     with paper_style():
         fig = PlotFigure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
         left = min(label_px / width_px, 0.4)
-        gap, right = 0.025, 0.012
+        gap, right = 0.045, 0.012  # room between columns for the edge tick labels ("1.0" beside "0.0")
         w = (1 - left - right - gap * (len(cols) - 1)) / max(len(cols), 1)
         y0, y1 = bottom_px / height_px, 1 - top_px / height_px
         axes = [fig.add_axes((left + i * (w + gap), y0, w, y1 - y0)) for i in range(len(cols))]
@@ -118,10 +160,15 @@ def plot_layers(data: pd.DataFrame, *, width_px: int = 960, dpi: int = 96, title
                 ax.set_yticks(np.arange(n), labels)
             else:
                 ax.set_yticks(np.arange(n), [""] * n)
+            for j, _ in block_labels:  # a line above each block, across every column
+                ax.axhline(j - 0.5, color="0.55", linewidth=0.6, zorder=0.5)
             for j, m in enumerate(methods):
                 c = PolyCollection([], facecolors=[method_color(m)], edgecolors="none", label=method_label(m))
                 ax.add_collection(c)
                 collections[(col, m)] = c
+        for j, b in block_labels:  # the block's name left of its first layer (the layers show their part in it)
+            axes[0].text(-(left * width_px - 4) / (w * width_px), j, b, transform=axes[0].get_yaxis_transform(),
+                         ha="left", va="center", fontsize=FONT_PT, fontweight="bold", color="0.2")
         fig.legend(handles=[Patch(color=method_color(m), label=method_label(m)) for m in methods],
                    loc="upper left", bbox_to_anchor=(0.0, 1 - 20 / height_px), ncol=min(len(methods), 6),
                    frameon=False, fontsize=FONT_PT, handlelength=1.2, columnspacing=1.2)

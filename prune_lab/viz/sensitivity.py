@@ -9,20 +9,34 @@ import pandas as pd
 from matplotlib.colors import Normalize
 
 from .layers import short_layer_name
-from .plots import PlotFigure, method_color, method_label, paper_style
+from .colors import color, label
+from .plots import PlotFigure, paper_style, short_count
 
 FONT_PT = 8.0  # the smallest text in these figures (at 100 % zoom)
 LAYOUTS = ("auto", "lines", "heatmap")
 MAX_LINES = 16  # "auto" draws small lines up to this many layers, a heat map above
 
 
+#: axis words per metric: (the metric's value, its increase over the dense network)
+METRIC_LABELS = {
+    "accuracy": ("test accuracy (fraction)", "accuracy drop (fraction)"),
+    "loss": ("test loss (cross-entropy)", "test-loss increase over dense"),
+    "perplexity": ("perplexity (held-out tokens)", "perplexity increase over dense"),
+    "output_distortion": ("output distortion (relative)", "output distortion (relative)"),
+}
+COLUMN_LABELS = {"loss_increase": "test-loss increase over dense", "accuracy": "test accuracy (fraction)",
+                 "loss": "test loss (cross-entropy)", "layer_sparsity": "layer sparsity (fraction removed)"}
+
+
 def _metric_label(data: pd.DataFrame, column: str) -> str:
+    """Axis words for ``column`` of a sensitivity table (its metric's name and unit)."""
     metric = str(data["metric"].iloc[0]) if "metric" in data.columns and len(data) else "value"
+    words = METRIC_LABELS.get(metric, (metric.replace("_", " "), metric.replace("_", " ") + " increase"))
     if column == "value":
-        return metric.replace("_", " ")
+        return words[0]
     if column == "increase":
-        return f"{'accuracy drop' if metric == 'accuracy' else metric.replace('_', ' ') + ' increase'}"
-    return column.replace("_", " ")
+        return words[1]
+    return COLUMN_LABELS.get(column, column.replace("_", " "))
 
 
 def _layers(data: pd.DataFrame) -> list:
@@ -102,20 +116,24 @@ def _lines(data, names, y, title) -> PlotFigure:
         part = data[data["layer"] == name]
         for m in methods:
             pm = part[part["method"] == m].sort_values(x)
-            a.plot(pm[x], pm[y], marker="o", markersize=3, linewidth=1.4, color=method_color(m),
-                   label=method_label(m))
+            a.plot(pm[x], pm[y], marker="o", markersize=3, linewidth=1.4, color=color(m),
+                   label=label(m))
         if y == "value" and "dense" in part.columns and len(part):
             a.axhline(float(part["dense"].iloc[0]), color="0.4", linestyle="--", linewidth=0.8)
-        size = f" ({int(part['n_weights'].iloc[0]):,})" if "n_weights" in part.columns and len(part) else ""
+        size = f" ({short_count(int(part['n_weights'].iloc[0]))} weights)" \
+            if "n_weights" in part.columns and len(part) else ""
         a.set_title(short_layer_name(name, 28) + size, fontsize=FONT_PT + 1)
         a.tick_params(labelsize=FONT_PT)
     for a in axes[len(names):]:
         a.set_axis_off()
-    fig.supxlabel("sparsity of the layer (the rest dense)", fontsize=FONT_PT + 1)
+    fig.supxlabel("layer sparsity (fraction removed; other layers dense)", fontsize=FONT_PT + 1)
     fig.supylabel(_metric_label(data, y), fontsize=FONT_PT + 1)
     if len(methods) > 1:
-        axes[0].legend(fontsize=FONT_PT, frameon=False)
-    fig.suptitle(title or f"Layer sensitivity ({', '.join(method_label(m) for m in methods)}; dashed: dense)",
+        handles, texts = axes[0].get_legend_handles_labels()
+        fig.legend(handles, texts, loc="outside right upper", fontsize=FONT_PT, frameon=False,
+                   title="method", title_fontsize=FONT_PT + 1)  # beside the panels, never over a curve
+    fig.suptitle(title or f"Layer sensitivity, {', '.join(label(m) for m in methods)} scores"
+                          + (" (dashed line: dense network)" if y == "value" else ""),
                  fontsize=FONT_PT + 2)
     return fig
 
@@ -148,8 +166,8 @@ def _heatmap(data, names, y, title, ax) -> PlotFigure:
         a.set_xticks(np.arange(len(grid)), [f"{g:g}" for g in grid], fontsize=FONT_PT,
                      rotation=45 if len(grid) > 8 else 0)
         a.set_yticks(np.arange(len(names)), [short_layer_name(n) for n in names], fontsize=FONT_PT)
-        a.set_xlabel("sparsity of the layer (the rest dense)", fontsize=FONT_PT + 1)
-        a.set_title(method_label(m), fontsize=FONT_PT + 1, color=method_color(m))
+        a.set_xlabel("layer sparsity (fraction removed; other layers dense)", fontsize=FONT_PT + 1)
+        a.set_title(label(m), fontsize=FONT_PT + 1, color=color(m))
         a.grid(False)
     cbar = fig.colorbar(image, ax=list(axes), shrink=min(1.0, 6.0 / height) if height > 6 else 1.0, pad=0.01)
     cbar.set_label(_metric_label(data, y), fontsize=FONT_PT + 1)

@@ -35,23 +35,26 @@ def describe_layer(data: pd.DataFrame, layer: str, method: str | None) -> str:
                  f"· lookahead {look} (relative) · click to select")
 
 
-def describe_point(fig, x_px: float, y_px: float, *, hidden=(), log_remaining: bool = False) -> str:
-    """The accuracy curve's point nearest the pixel (within 12 px), methods in ``hidden`` left out."""
+def describe_point(fig, x_px: float, y_px: float, *, hidden=(), log_remaining: bool = False,
+                   metric: str = "accuracy") -> str:
+    """The accuracy (or perplexity) curve's point nearest the pixel (within 12 px), methods in ``hidden`` left
+    out."""
     data = fig.plot_data
     if data is None or data.empty:
         return ""
     ax = fig.axes[0]
     xs = (1 - data["sparsity"]) * 100 if log_remaining else data["sparsity"]
-    pts = ax.transData.transform(np.c_[xs.to_numpy(float), 100 * data["accuracy"].to_numpy(float)])
+    ys = data[metric].to_numpy(float) * (100 if metric == "accuracy" else 1)
+    pts = ax.transData.transform(np.c_[xs.to_numpy(float), ys])
     d = np.hypot(*(pts - np.array([x_px, fig.bbox.height - y_px])).T)
     d[data["method"].isin(hidden).to_numpy()] = np.inf
     i = int(np.argmin(d))
     if d[i] > 12:
         return ""
     r = data.iloc[i]
+    value = f"perplexity {r['perplexity']:.4g}" if metric == "perplexity" else f"accuracy {100 * r['accuracy']:.2f} %"
     return _span(f"{escape(get_method(r['method']).label)} · sparsity {r['sparsity']:.4g} "
-                 f"({100 * (1 - r['sparsity']):.3g} % remaining) · accuracy {100 * r['accuracy']:.2f} % · loss "
-                 f"{r['loss']:.4f}")
+                 f"({100 * (1 - r['sparsity']):.3g} % remaining) · {value} · loss {r['loss']:.4f}")
 
 
 def sensitivity_cell(fig, x_px: float, y_px: float) -> dict | None:

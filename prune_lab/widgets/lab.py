@@ -1,8 +1,8 @@
 """PruneLab: the ipywidgets dashboard, a thin view over a traitlets state.
 
-(A long file on purpose: it is one class, the dashboard's controller — its worker, its frame and rest phases,
-overrides and export share one state. What is pure lives beside it: rendering in ``live.py``, hover texts in
-``hover.py``, hyperparameter controls in ``controls.py``, figures in :mod:`prune_lab.viz`.)
+Why one module: it is one class, the dashboard's controller — its worker, its frame and rest phases, overrides and
+export share one state. What is pure lives beside it: rendering in ``live.py``, hover texts in ``hover.py``,
+hyperparameter controls in ``controls.py``, figures in :mod:`prune_lab.viz`.
 
 How a slider move becomes pixels, on a model of any size:
 
@@ -13,14 +13,14 @@ How a slider move becomes pixels, on a model of any size:
   sparsity and single-layer distortion that come with it, the summary counts, and a blitted redraw of the layer
   panel (a few ``PolyCollection``\\ s) and of the accuracy panel's current-sparsity marker. Every panel, the
   readout, the status and the marker are set from the same state in the same frame.
-- When the slider has rested ``debounce_s`` seconds, the *rest* phase: methods that are expensive per sparsity
+- When the slider has rested ``debounce_s`` seconds since its last change, the *rest* phase: methods that are expensive per sparsity
   (sequential LAP, SynFlow, WoodFisher, CBS, layerwise OBS) are computed at the current point, the lookahead
   distortion (:mod:`prune_lab.core.lookahead`), then accuracy, loss, output distortion and BatchNorm-recalibrated
   accuracy; finally the accuracy curves of expensive methods fill in over the grid with a progress bar. A newer
   slider move stops the rest phase between steps; what it finished stays cached.
 
-Every lookup goes through one key (:meth:`PruneLab.query`): method, sparsity rounded to the slider's precision,
-allocation, hyperparameters and layer overrides. Hovering a bar or a point says what it is; clicking a layer
+Every lookup goes through one key (:meth:`PruneLab.query`): the session's :class:`~prune_lab.Query` — method,
+sparsity rounded to the slider's precision, allocation, hyperparameters and layer overrides. Hovering a bar or a point says what it is; clicking a layer
 selects it for the overrides; the legend's toggles hide or show a method. ``debounce_s=0`` runs everything in
 line (no thread): tests and scripts use it. Every button calls a public method that tests call directly.
 """
@@ -40,6 +40,7 @@ from traitlets import Bool, Dict, Float, HasTraits, Tuple, Unicode
 
 from .. import __version__
 from ..core.allocation import get_allocation, list_allocations
+from ..data.tokens import as_tokens
 from ..methods import get_method, list_methods
 from ..viz import layers as layer_plots
 from ..viz import plots
@@ -77,15 +78,16 @@ class LabState(HasTraits):
 class PruneLab:
     """The dashboard. ``display(pl.PruneLab(session))`` in a notebook (or ``lab.widget``).
 
-    ``methods``: the methods offered (default: every registered method); the first three runnable of magnitude,
-    LAMP, LAP are selected. ``debounce_s``: seconds the slider must rest before the rest phase (lookahead, accuracy,
+    ``methods``: the methods offered (default: every registered method); those of magnitude, LAMP, LAP that run
+    are selected (magnitude, Wanda, LAMP for a causal LM on token data, whose panel shows perplexity instead of
+    accuracy, and whose layer panel groups the layers by block). ``debounce_s``: seconds the slider must rest before the rest phase (lookahead, accuracy,
     expensive methods); 0 runs everything in line. ``width``: the panels' width in pixels (they follow the
     notebook's width when it is narrower, at the first hover). ``input_shape``: one input sample's shape, for
     data-free methods that need one (SynFlow) when the session has no data.
     """
 
     def __init__(self, session, methods=None, *, selected=None, sparsity: float = 0.9, grid=DEFAULT_GRID,
-                 debounce_s: float = 0.15, width: int = 800, panel_height: int = 520, input_shape=None,
+                 debounce_s: float = 0.1, width: int = 800, panel_height: int = 520, input_shape=None,
                  sensitivity: bool | None = None, sensitivity_grid=SENSITIVITY_GRID):
         self.session = session
         self.grid = tuple(round(float(s), DIGITS) for s in grid)
@@ -103,10 +105,13 @@ class PruneLab:
                     self.hyperparameters[m]["input_shape"] = tuple(input_shape)
         self.unavailable = {m: self._why_unavailable(m) for m in offered}
         runnable = [m for m in offered if not self.unavailable[m]]
-        chosen = tuple(selected) if selected is not None else tuple(
-            [m for m in ("magnitude", "lamp", "lap") if m in runnable] or runnable[:3])
-        self.state = LabState(sparsity=sparsity, methods=chosen)
         self.has_data = getattr(session, "data", None) is not None
+        # a causal LM on token data shows perplexity (log axis) where a classifier shows accuracy
+        self.metric = "perplexity" if self.has_data and as_tokens(session.data) is not None else "accuracy"
+        first = ("magnitude", "wanda", "lamp") if self.metric == "perplexity" else ("magnitude", "lamp", "lap")
+        chosen = tuple(selected) if selected is not None else tuple(
+            [m for m in first if m in runnable] or runnable[:3])
+        self.state = LabState(sparsity=sparsity, methods=chosen)
         self.measure_sensitivity = self.has_data if sensitivity is None else bool(sensitivity) and self.has_data
         self.sensitivity_grid = tuple(sensitivity_grid)
         self.sensitivity = None  # the DataFrame of the last (partial or complete) sensitivity run
@@ -122,8 +127,9 @@ class PruneLab:
         self._lookahead: dict = {}  # (weights fingerprint, query) → {layer: relative lookahead}
         self._computed: set = set()  # expensive queries already computed
         self._last_valid = None
-        self._lock = getattr(session, "lock", None) or threading.RLock()
+        self._lock = session.lock  # the session's: notebook cells and the lab's worker take turns
         self._generation = 0
+        self._changed_at = 0.0
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._closed = False
@@ -148,8 +154,9 @@ class PruneLab:
     # ------------------------------------------------------------------------------------------------------------
     def _why_unavailable(self, method: str) -> str:
         spec = get_method(method)
-        if "data" in spec.needs and getattr(self.session, "data", None) is None:
-            return "needs data: create the session with data=..."
+        reason = spec.unavailable_reason(getattr(self.session, "data", None))  # no data, or data it refuses
+        if reason:
+            return reason
         if "graph" in spec.needs and not getattr(self.session.graph, "exact", True):
             return "needs a traced layer graph: torch.fx could not trace this model"
         fields = {f[0] for f in spec.hyperparameter_fields()}
@@ -193,7 +200,7 @@ class PruneLab:
                                            tooltip="; ".join(f"{a}: {get_allocation(a).description}"
                                                              for a in list_allocations()))
         widgets.link((self.allocation, "value"), (st, "allocation"))
-        self.evaluate_box = widgets.Checkbox(value=st.evaluate, description="evaluate accuracy", indent=False,
+        self.evaluate_box = widgets.Checkbox(value=st.evaluate, description=f"evaluate {self.metric}", indent=False,
                                              disabled=not self.has_data,
                                              tooltip="" if self.has_data else "needs data: create the session "
                                                                                "with data=...")
@@ -335,11 +342,18 @@ class PruneLab:
     def _allocation(self):
         return None if self.state.allocation == PAPER_DEFAULT else self.state.allocation
 
-    def query(self, method: str, sparsity: float) -> tuple:
-        """The key of every lookup the lab makes: method, sparsity at the slider's precision, allocation,
-        hyperparameters and overrides (a slider value of 0.9000000000000001 is 0.9)."""
-        return (method, round(float(sparsity), DIGITS), self.state.allocation,
-                repr(sorted(self.hyperparameters.get(method, {}).items())), repr(sorted(self.state.overrides.items())))
+    def query(self, method: str, sparsity: float):
+        """The key of every lookup the lab makes: the session's :class:`~prune_lab.Query` for the method at the
+        sparsity rounded to the slider's precision, with the lab's allocation, hyperparameters and overrides (a
+        slider value of 0.9000000000000001 is 0.9)."""
+        return self.session.query(method, round(float(sparsity), DIGITS), allocation=self._allocation(),
+                                  overrides=dict(self.state.overrides) or None,
+                                  **self.hyperparameters.get(method, {}))
+
+    def _computed_key(self, q):
+        """What makes an expensive point computed: the query, at any sparsity for a method whose scores do not
+        depend on it."""
+        return q if q.spec.sparsity_dependent else q.at(0.0)
 
     def _result(self, method, sparsity):
         """The engine's result for :meth:`query` ``(method, sparsity)`` (cached by the session)."""
@@ -348,11 +362,8 @@ class PruneLab:
             # emptied layers and the like are shown in the status line and the summary, not as a warning per
             # slider position
             warnings.simplefilter("ignore", UserWarning)
-            result = self.session.prune(method, q[1], allocation=self._allocation(),
-                                        overrides=dict(self.state.overrides) or None,
-                                        **self.hyperparameters.get(method, {}))
-        spec = get_method(method)
-        self._computed.add(q if spec.sparsity_dependent else q[:1] + q[2:])
+            result = self.session.prune_query(q)
+        self._computed.add(self._computed_key(q))
         return result
 
     def _expensive(self, method) -> bool:
@@ -365,7 +376,7 @@ class PruneLab:
         if not self._expensive(method):
             return True
         q = self.query(method, sparsity)
-        return (q if get_method(method).sparsity_dependent else q[:1] + q[2:]) in self._computed
+        return self._computed_key(q) in self._computed
 
     # ------------------------------------------------------------------------------------------------------------
     # controller
@@ -423,6 +434,7 @@ class PruneLab:
     def _on_change(self, _):
         """Every state change: wake the worker (or, with ``debounce_s=0``, draw and rest in line)."""
         self._generation += 1
+        self._changed_at = time.perf_counter()
         self._stop.set()  # a running sensitivity measurement stops at its next point
         self._idle.clear()
         if self._worker is None:
@@ -443,7 +455,9 @@ class PruneLab:
             gen = self._generation
             self.state.error = ""
             self._guard(self.redraw)
-            if self._wake.wait(self.debounce_s):  # moved again before resting: draw the newest value
+            # the slider rests once debounce_s has passed since its last change (the frame's time counts)
+            rest_in = max(0.0, self._changed_at + self.debounce_s - time.perf_counter())
+            if self._wake.wait(rest_in):  # moved again before resting: draw the newest value
                 continue
             self._guard(lambda: self._rest(gen))
             if gen == self._generation and not self._wake.is_set():
@@ -582,7 +596,7 @@ class PruneLab:
         x = (1 - s) * 100 if self.state.log_remaining else s
         fig.marker.set_xdata([x, x])
         fig.marker.set_label(f"current ({s:.3f})")
-        self.panel_state["accuracy"].value = f"accuracy: sparsity={s:.3f}"
+        self.panel_state["accuracy"].value = f"{self.metric}: sparsity={s:.3f}"
         self._show("accuracy", fig)
 
     def _show(self, name, fig):
@@ -623,7 +637,7 @@ class PruneLab:
                     self._result(m, s)
                 except ValueError:
                     q = self.query(m, s)
-                    self._computed.add(q if get_method(m).sparsity_dependent else q[:1] + q[2:])
+                    self._computed.add(self._computed_key(q))
             t0 = time.perf_counter()
             if self.show_lookahead:
                 for m in st.methods:
@@ -767,28 +781,42 @@ class PruneLab:
                 _, ev = self._cached_eval(m, s)
                 if ev is not None:
                     rows.append({"method": m, "label": get_method(m).label, "sparsity": s,
-                                 "accuracy": ev["accuracy"], "loss": ev["loss"]})
-        return pd.DataFrame(rows, columns=["method", "label", "sparsity", "accuracy", "loss"])
+                                 **{k: ev[k] for k in self._curve_columns[3:]}})
+        return pd.DataFrame(rows, columns=self._curve_columns)
+
+    @property
+    def _curve_columns(self) -> list:
+        return ["method", "label", "sparsity", "accuracy", "loss"] + (["perplexity"] if self.metric == "perplexity"
+                                                                       else [])
+
+    def _dense_value(self):
+        """The dense model's accuracy (or perplexity), when evaluated."""
+        dense = self.session.cached_evaluation(None)
+        return None if dense is None else dense[self.metric]
 
     def _draw_curve(self):
         if not self.has_data:
             return
         rows = self._curve_rows()
-        dense = self.session.cached_evaluation(None)
+        dense = self._dense_value()
         shown = rows[~rows["method"].isin(self.state.hidden)]
         fig = self.figures.get("accuracy")
         key = (tuple(dict.fromkeys(shown["method"])), self.state.log_remaining, dense is None)
+        scale = 100 if self.metric == "accuracy" else 1
         if fig is not None and getattr(fig, "curve_key", None) == key and not self.state.log_remaining:
             # same lines, same axes: new points into them, one full draw without a new layout
             lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
             for m, g in shown.groupby("method", sort=False):
                 g = g.sort_values("sparsity")
-                lines[get_method(m).label].set_data(g["sparsity"].to_numpy(), 100 * g["accuracy"].to_numpy())
+                lines[get_method(m).label].set_data(g["sparsity"].to_numpy(), scale * g[self.metric].to_numpy())
+            if self.metric == "perplexity":  # an open-ended log axis follows the values
+                fig.axes[0].relim()
+                fig.axes[0].autoscale_view(scalex=False)
             fig.plot_data = rows
             self.live["accuracy"].invalidate()
             self._draw_marker(self.state.sparsity)
             return
-        fig = plots.plot_accuracy_curve(shown, dense=None if dense is None else dense["accuracy"],
+        fig = plots.plot_accuracy_curve(shown, dense=dense, metric=self.metric,
                                         log_remaining=self.state.log_remaining, figsize=(5.6, 3.5))
         fig.plot_data = rows
         ax = fig.axes[0]
@@ -810,7 +838,11 @@ class PruneLab:
             row = {"method": m, "label": get_method(m).label, "allocation": r.allocation,
                    "sparsity": round(r.sparsity, DIGITS + 1), "remaining weights": int(r.n_kept),
                    "remaining %": round(100 * r.density, 3)}
-            if self.has_data:
+            if self.has_data and self.metric == "perplexity":
+                row["perplexity"] = np.nan if ev is None else round(ev["perplexity"], 3)
+                row["next-token accuracy %"] = np.nan if ev is None else round(100 * ev["accuracy"], 2)
+                row["loss"] = np.nan if ev is None else round(ev["loss"], 4)
+            elif self.has_data:
                 row["accuracy %"] = np.nan if ev is None else round(100 * ev["accuracy"], 2)
                 row["loss"] = np.nan if ev is None else round(ev["loss"], 4)
             row["critical sparsity"] = np.nan if ranking is None else round(ranking.critical_count() / ranking.total,
@@ -867,7 +899,7 @@ class PruneLab:
             self.hover.value = hover.describe_cell(cell)
         else:
             self.hover.value = hover.describe_point(fig, float(x), float(y), hidden=self.state.hidden,
-                                                    log_remaining=self.state.log_remaining)
+                                                    log_remaining=self.state.log_remaining, metric=self.metric)
 
     def _fit_to(self, shown) -> bool:
         """Re-lay the layer panel out when the notebook shows it narrower than drawn (text would shrink)."""
@@ -909,10 +941,9 @@ class PruneLab:
                                                      columns=None if self.show_lookahead else
                                                      ("sparsity", "relative_frobenius"))}
         if self.has_data and "accuracy" in self.figures:
-            rows = self.figures["accuracy"].plot_data
-            dense = self.session.cached_evaluation(None)
             figures["accuracy"] = plots.plot_accuracy_curve(
-                rows, dense=None if dense is None else dense["accuracy"], log_remaining=self.state.log_remaining,
+                self.figures["accuracy"].plot_data, dense=self._dense_value(), metric=self.metric,
+                log_remaining=self.state.log_remaining,
                 current=self.state.sparsity if current_line else None)
         written = []
         steps = tqdm(list(figures.items()) + [("tables", None)], desc="export", disable=not progress)

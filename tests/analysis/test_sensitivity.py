@@ -190,14 +190,14 @@ def test_the_allocation_equalises_the_measured_loss_increase(setup):
         session.use_sensitivity({"a": 1})
     with pytest.raises(ValueError, match="sweep points are not keyed by the session's sensitivity table"):
         session.sweep("magnitude", [0.5], allocations=["sensitivity"], progress=False)
-    # the bare engine takes the table too
-    engine = pl.engine.PruneSession(model)
+    # a new session on the same weights takes the table too
+    engine = pl.PruneSession(model)
     engine.use_sensitivity(sensitivity_table(df))
     assert engine.prune("magnitude", 0.6, allocation="sensitivity").pruned == measured.pruned
     with torch.no_grad():
         changed = copy.deepcopy(model)
         next(changed.parameters()).mul_(2.0)
-    other = pl.engine.PruneSession(changed)
+    other = pl.PruneSession(changed)
     other.use_sensitivity(sensitivity_table(df))
     assert other.sensitivity_table is None  # measured on other weights: not used
 

@@ -46,7 +46,7 @@ def test_lookahead_of_one_removed_weight_is_its_lap_score_conv_bn_flatten():
     torch.manual_seed(0)
     m = randomize_bn(SmallConvNet().eval())
     s = pl.PruneSession(m)
-    state = s._snapshot()
+    state = s.snapshot.current()
     scores = lap_scores(state.weights, s.graph, state.scales)
     for name, idx in [("c2.weight", (3, 1, 0, 2)), ("fc1.weight", (4, 50)), ("c1.weight", (2, 0, 1, 1))]:
         w = state.weights[name].clone()
@@ -138,7 +138,9 @@ def test_sweep_finetune_rows_and_interrupt(trained, digits, monkeypatch):
     df = s.sweep("lamp", [0.9], finetune={"epochs": 2}, progress=False)
     assert df["finetuned"].tolist() == [False, True]
     assert df.iloc[1]["accuracy"] > df.iloc[0]["accuracy"]  # fine-tuning recovers accuracy at 90 %
-    original = s._sweep_point
+    from prune_lab.analysis import sweeps
+
+    original = sweeps.evaluate_point
     count = []
 
     def flaky(*a, **k):
@@ -147,7 +149,7 @@ def test_sweep_finetune_rows_and_interrupt(trained, digits, monkeypatch):
             raise KeyboardInterrupt
         return original(*a, **k)
 
-    monkeypatch.setattr(s, "_sweep_point", flaky)
+    monkeypatch.setattr(sweeps, "evaluate_point", flaky)
     with pytest.warns(UserWarning, match="interrupted"):
         part = s.sweep("magnitude", [0.1, 0.2, 0.3, 0.4], progress=False)
     assert len(part) == 2 and part.attrs["interrupted"]

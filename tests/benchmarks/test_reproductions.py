@@ -1,11 +1,18 @@
 """The LAP and LAMP reproduction scripts in their ``--quick`` mode: they run, write their results with the expected
-columns, and their resume cache skips finished points on a second call."""
+columns, and their resume cache skips finished points on a second call; their figures are paper-ready (no text
+under 8 pt, legends outside the data, display names, the library's colours)."""
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import matplotlib.legend
 import pytest
+from matplotlib.colors import to_rgb
 
+from prune_lab.viz import color
+
+from ..viz.test_plots import _texts
 from . import load_benchmark
 
 
@@ -90,3 +97,81 @@ def test_reproduce_lamp_quick_and_resume(tmp_path):
     assert second["computed_trajectories"] == 0
     assert len(_rows(tmp_path / "lamp_conv6_quick_points.csv")) == n_points
     assert second["table"] == first["table"]
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _overlap(a, b) -> bool:
+    """Whether two display-space boxes share an area (edges that touch do not count)."""
+    return min(a.x1, b.x1) - max(a.x0, b.x0) > 0.5 and min(a.y1, b.y1) - max(a.y0, b.y0) > 0.5
+
+
+def assert_paper_ready(fig):
+    """Every text at least 8 pt; every legend (of an axes or of the figure) inside the figure and clear of every
+    axes' data area. Returns the legends' entries."""
+    sizes = [(t.get_text(), t.get_fontsize()) for t in _texts(fig)]  # _texts draws the figure first
+    assert sizes and min(s for _, s in sizes) >= 8, [x for x in sizes if x[1] < 8]
+    legends = fig.findobj(matplotlib.legend.Legend)
+    assert legends, "no legend"
+    page = fig.bbox
+    entries = []
+    for legend in legends:
+        box = legend.get_window_extent()
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1
+        for ax in fig.axes:
+            assert not _overlap(box, ax.get_window_extent()), (legend.get_title().get_text(), ax.get_title())
+        entries += [t.get_text() for t in legend.get_texts()]
+    for ax in fig.axes:  # axis labels in words, with units where there are numbers
+        for text in (ax.get_xlabel(), ax.get_ylabel()):
+            assert any(w.isalpha() and len(w) > 2 for w in text.replace("(", " ").split()), text
+    return entries
+
+
+def _line_colours(ax) -> dict:
+    """{legend label: colour} of the plotted lines and of the error-bar lines."""
+    out = {l.get_label(): to_rgb(l.get_color()) for l in ax.get_lines() if not l.get_label().startswith("_")}
+    out.update({c.get_label(): to_rgb(c.lines[0].get_color()) for c in ax.containers if hasattr(c, "has_yerr")})
+    return out
+
+
+def test_lamp_figures_are_paper_ready(tmp_path):
+    mod = _load("reproduce_lamp")
+    allocs = ["global", "uniform_plus", "lamp"]
+    table = [dict(allocation=a, round=r, remaining_pct=100 * 0.5 ** r, accuracy_mean=90 - 10 * r - i,
+                  accuracy_std=2.0, min_layer_density_pct=100 * 0.4 ** r)
+             for i, a in enumerate(allocs) for r in range(4)]
+    names = ["features.0.weight", "features.2.weight", "classifier.0.weight"]
+    layers = [dict(allocation=a, layer=n, sparsity_mean=0.5 + 0.1 * i + 0.05 * j)
+              for i, a in enumerate(allocs) for j, n in enumerate(names)]
+    s = dict(table=table, layers=layers, layer_sizes=dict(zip(names, [576, 36864, 65536])), settings=dict(rounds=3))
+    fig = mod.plot(s, tmp_path / "acc.png", SimpleNamespace(allocations=allocs))
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    entries = assert_paper_ready(fig)
+    assert entries == ["Global", "Uniform+", "LAMP"]  # the registry's display names, once for both panels
+    for ax in fig.axes:
+        assert "%" in ax.get_xlabel() and "%" in ax.get_ylabel()
+        assert ax.get_xlim()[0] > ax.get_xlim()[1]  # remaining weights fall to the right
+    assert _line_colours(fig.axes[1]) == {"Global": color("global"), "Uniform+": color("uniform_plus"),
+                                          "LAMP": color("lamp")}
+    bars = mod.plot_layers(s, tmp_path / "layers.png")
+    assert assert_paper_ready(bars) == ["Global", "Uniform+", "LAMP"]
+    ax = bars.axes[0]
+    assert [to_rgb(c.patches[0].get_facecolor()) for c in ax.containers] == [color(a) for a in allocs]
+    assert ax.containers[2].patches[1].get_height() == pytest.approx(100 * (1 - 0.75))
+    assert "%" in ax.get_ylabel()
+
+
+def test_lap_figure_is_paper_ready(tmp_path):
+    mod = _load("reproduce_lap")
+    methods = ["magnitude", "lap", "random"]
+    table = [dict(method=m, remaining_pct=r, error_mean=5 + 10 * i + 1 / r, error_std=1.0,
+                  error_oneshot_mean=10 + 20 * i + 1 / r, error_oneshot_std=2.0)
+             for i, m in enumerate(methods) for r in (6.36, 1.63, 0.12)]
+    fig = mod.plot(dict(table=table, dense_error_mean=4.0), tmp_path / "lap.png", SimpleNamespace(methods=methods))
+    assert (tmp_path / "lap.png").stat().st_size > 0
+    entries = assert_paper_ready(fig)
+    assert entries == ["Magnitude (MP)", "LAP", "Random", "dense network"]
+    for ax in fig.axes:
+        assert "%" in ax.get_xlabel() and "%" in ax.get_ylabel()
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0.12", "1.63", "6.36"]  # the paper's grid
+    colours = _line_colours(fig.axes[0])
+    assert all(colours[label] == color(m) for label, m in zip(entries, methods))

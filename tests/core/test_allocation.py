@@ -19,7 +19,7 @@ def context(shapes, is_conv=None, seed=0):
     mag = Ranking.from_scores(names, {n: v.abs() for n, v in w.items()}, w)
     lamp = Ranking.from_scores(names, lamp_scores(w), w)
     return AllocationContext(names, tuple(tuple(s) for s in shapes), tuple(is_conv or [len(s) == 4 for s in shapes]),
-                             lambda: mag, lambda: lamp), w
+                             mag, lamp), w
 
 
 SHAPES = [(8, 1, 3, 3), (16, 8, 3, 3), (32, 64), (10, 32)]
@@ -52,7 +52,7 @@ def test_lamp_allocation_equals_global_on_lamp_scores_and_never_empties():
     for s in (0.5, 0.9, 0.99):
         counts = allocate("lamp", s, ctx)
         assert (counts < ctx.sizes).all()  # the largest weight of every layer scores 1
-        assert counts.tolist() == ctx.lamp_ranking().global_counts(round(s * ctx.sizes.sum())).tolist()
+        assert counts.tolist() == ctx.lamp_ranking.global_counts(round(s * ctx.sizes.sum())).tolist()
 
 
 def test_uniform_plus_first_conv_dense_last_keeps_20_percent():
@@ -227,3 +227,19 @@ def test_sensitivity_allocation_is_monotone_in_sparsity():
         c = allocate("sensitivity", float(s), ctx)
         assert (c >= prev).all() and c.sum() == round(s * ctx.sizes.sum())
         prev = c
+
+
+def test_allocations_declare_the_rankings_they_read():
+    """The context carries data, not callbacks: each allocation says which ranking it reads, and gets only that."""
+    assert get_allocation("global").needs == {"ranking"} and get_allocation("lamp").needs == {"lamp_ranking"}
+    full, _ = context(SHAPES)
+    bare = AllocationContext(full.names, full.shapes, full.is_conv)
+    for name in ("uniform", "uniform_plus", "erk"):
+        assert allocate(name, 0.6, bare).tolist() == allocate(name, 0.6, full).tolist()
+    for name, need in (("global", "ranking"), ("lamp", "lamp_ranking")):
+        with pytest.raises(ValueError, match=f"needs the context's '{need}'"):
+            allocate(name, 0.6, bare)
+    sub = full.subset(["l1", "l3"])
+    assert sub.sizes.tolist() == [full.sizes[1], full.sizes[3]]
+    assert allocate("global", 0.5, sub).tolist() == full.ranking.subset(["l1", "l3"]).global_counts(
+        round(0.5 * sub.sizes.sum())).tolist()

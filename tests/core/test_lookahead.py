@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from prune_lab.core.distortion import lookahead_distortion
-from prune_lab.core.graph import bn_scales, build_graph
+from prune_lab.core.graph import build_graph
+from prune_lab.core.neighbours import bn_scales
 from prune_lab.core.lookahead import SPARSE_FRACTION, LookaheadCache
 
 
@@ -126,3 +127,26 @@ def test_a_pruning_order_gives_the_same_values_without_masks():
             assert by_order.distortion(n, None, n_removed=k, order=order) == pytest.approx(want, rel=1e-5, abs=1e-6)
             assert by_mask.distortion(n, mask, n_removed=k) == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert sum(layer.paths["sparse"] for layer in by_order.layers.values()) > 0
+
+
+def test_a_dense_product_stops_between_slices_and_leaves_no_reference():
+    import threading
+
+    from prune_lab.core.lookahead import Interrupted
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.ReLU(), nn.Linear(512, 256, bias=False), nn.ReLU(),
+                          nn.Linear(256, 10, bias=False))
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    cache = LookaheadCache(graph, weights)
+    n = "2.weight"
+    mask = torch.rand(weights[n].shape) > 0.5
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):
+        cache.distortion(n, mask, stop=stop)
+    assert cache.layer(n).references == []  # nothing half-made is kept
+    stop.clear()
+    want = lookahead_distortion(graph, weights, n, weights[n] * mask)
+    assert cache.distortion(n, mask, stop=stop) == pytest.approx(want, rel=1e-5)  # sliced: the same value

@@ -310,3 +310,42 @@ def test_rescale_errors():
         pai.rescale_(net, {"nope": torch.ones(2, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="sigma_w2 must be a positive.*0"):
         pai.rescale_(net, {}, sigma_w2=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# causal LMs: token ids with their attention mask, the mean next-token loss (prune_lab.core.losses)
+# --------------------------------------------------------------------------------------------------------------
+def test_snip_and_grasp_on_a_token_batch_use_the_next_token_loss():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tests.lm_helpers import pattern_ids, tiny_llama
+
+    lm = tiny_llama(2)
+    before = state_copy(lm)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    ids = pattern_ids(4, 12, seed=5)
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)  # transformers' own loss, padding ignored
+    params = dict(lm.named_parameters())
+    snip = pai.snip_scores(lm, ids, mask, names=names)
+    loss = lm(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    for n, g in zip(names, grads):
+        assert torch.allclose(snip[n], (params[n].detach() * g).abs(), rtol=1e-4, atol=1e-9)
+    grasp = pai.grasp_scores(lm, ids, mask, names=names)  # double backprop through attention
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = lm(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        hg = torch.autograd.grad(sum((t * t.detach()).sum() for t in g), [params[n] for n in names])
+    for n, h in zip(names, hg):
+        assert torch.allclose(grasp[n], params[n].detach() * h, rtol=1e-3, atol=1e-9)
+        assert grasp[n].abs().max() > 0
+    assert_state_equal(lm, before)
+
+
+def test_a_token_batch_needs_two_tokens_and_image_inputs_stay_floating():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        pai._check_batch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="floating point.*attention mask"):
+        pai._check_batch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))

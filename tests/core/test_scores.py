@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from prune_lab.core import scores as S
-from prune_lab.core.graph import build_graph, bn_scales
+from prune_lab.core.graph import build_graph
+from prune_lab.core.neighbours import bn_scales
 from tests.conftest import SmallConvNet, randomize_bn
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import prune_lab as pl
 from prune_lab.core import ranking as R
-from prune_lab.engine import session as S
+from prune_lab.engine import weights as W
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -76,18 +76,19 @@ def test_evaluate_runs_on_the_session_device(device, monkeypatch):
     model = chain()
     data = pl.data.synthetic(n_train=16, n_test=32, input_shape=(12,), num_classes=5)
     seen = []
-    from prune_lab import training
+    from prune_lab.analysis import session as session_module
 
-    original = training.evaluate
+    original = session_module.evaluate
 
     def spy(*a, **k):
         seen.append(k.get("device"))
         return original(*a, **k)
 
-    monkeypatch.setattr(training, "evaluate", spy)
-    session = S.PruneSession(model, data, device=device)  # the engine session (the analysis one caches)
+    monkeypatch.setattr(session_module, "evaluate", spy)
+    session = pl.PruneSession(model, data, device=device)
     res = session.prune("lamp", 0.5)
     got = session.evaluate(res)
+    assert session.evaluate(res) == got  # cached by the query: evaluated once
     assert seen == [torch.device(device)]
     want = pl.evaluate(model, data, masks=res.masks, device="cpu")
     assert got["accuracy"] == want["accuracy"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
@@ -122,7 +123,7 @@ def host_reads(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
     monkeypatch.setattr(R.LayerRank, "_host_path", lambda self: False)
-    monkeypatch.setattr(S, "_NUMPY_FLOATS", ())  # the weights' change check as for a GPU model
+    monkeypatch.setattr(W, "_NUMPY_FLOATS", ())  # the weights' change check as for a GPU model
     return calls
 
 

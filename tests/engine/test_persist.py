@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prune_lab as pl
+from prune_lab.core.ranking import SortedKeys
 from prune_lab.engine import persist
 from tests.conftest import SmallConvNet, randomize_bn
 
@@ -18,7 +19,7 @@ def _same_result(a, b):
 def test_saved_cache_reopens_without_scoring(convnet, tmp_path, count_sorts):
     s1 = pl.PruneSession(convnet, device="cpu")
     want = {(m, x): s1.prune(m, x) for m in ("lap", "lamp", "random") for x in (0.3, 0.9)}
-    assert s1.save_cache(tmp_path / "c.pt") == len(s1._rankings) == 4  # lap, magnitude, lamp, random
+    assert s1.save_cache(tmp_path / "c.pt") == len(s1.cache.rankings) == 4  # lap, magnitude, lamp, random
     n_sorts = len(count_sorts)
     s2 = pl.PruneSession(convnet, device="cpu")
     assert s2.load_cache(tmp_path / "c.pt") == 4
@@ -26,8 +27,8 @@ def test_saved_cache_reopens_without_scoring(convnet, tmp_path, count_sorts):
         _same_result(s2.prune(m, x), res)
     assert len(count_sorts) == n_sorts  # nothing was scored or sorted again
     # LAMP's ranking shares magnitude's order after the reload, as before
-    lamp = next(r for k, r in s2._rankings.items() if k[0] is pl.get_method("lamp").scores)
-    mag = next(r for k, r in s2._rankings.items() if k[0] is pl.get_method("magnitude").scores)
+    lamp = next(r for k, r in s2.cache.rankings.items() if k.scores == "lamp")
+    mag = next(r for k, r in s2.cache.rankings.items() if k.scores == "magnitude")
     assert lamp.layers["c1.weight"].order.data_ptr() == mag.layers["c1.weight"].order.data_ptr()
 
 
@@ -153,7 +154,7 @@ def test_cache_is_bounded_lru(mlp, count_sorts):
     for seed in range(10):
         session.prune("random", 0.5, seed=seed)
         one = one or session.cache_nbytes()
-        assert len(session._rankings) <= 3
+        assert len(session.cache.rankings) <= 3
     assert session.cache_nbytes() <= 3 * one
     assert len(count_sorts) == 10
     session.prune("random", 0.5, seed=9)  # most recent: kept
@@ -163,7 +164,7 @@ def test_cache_is_bounded_lru(mlp, count_sorts):
     assert len(count_sorts) == 11
     for seed in range(10):  # sparsity-dependent mask sets are bounded as well
         session.prune("lap_forward", 0.1 * (seed % 9))
-        assert len(session._masks) <= 3
+        assert len(session.cache.mask_sets) <= 3
 
 
 def test_format_1_files_are_read_and_converted(convnet, tmp_path):
@@ -178,7 +179,7 @@ def test_format_1_files_are_read_and_converted(convnet, tmp_path):
         for n, d in e["layers"].items():
             w2 = weights[n].detach().reshape(-1)[d["order"].long()].double() ** 2
             csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w2, 0)]).float()
-            keys = torch.from_numpy(persist.SortedKeys.from_state(d["keys"]).array())
+            keys = torch.from_numpy(SortedKeys.from_state(d["keys"]).array())
             e["layers"][n] = {"order": d["order"], "csum": csum, "keys": keys, "shape": d["shape"]}
     torch.save(payload, tmp_path / "v1.pt")
     s2 = pl.PruneSession(convnet, device="cpu")
@@ -197,3 +198,21 @@ def test_cache_of_another_score_dtype_is_skipped(convnet, tmp_path):
     s3 = pl.PruneSession(convnet, device="cpu", score_dtype="bfloat16")
     assert s3.load_cache(tmp_path / "c.pt") == 1
     _same_result(s3.prune("lap", 0.5), s1.prune("lap", 0.5))
+
+
+def test_saved_hyperparameters_match_in_any_order(mlp, tmp_path, count_sorts):
+    """Ranking keys hold the hyperparameters sorted by name, whatever order a file (or a query) lists them in."""
+    data = pl.data.synthetic(n_train=16, n_test=8, input_shape=(6,), num_classes=3)
+    s1 = pl.PruneSession(mlp, data, device="cpu")
+    want = s1.prune("grasp", 0.6, samples=8)
+    s1.save_cache(tmp_path / "c.pt")
+    payload = torch.load(tmp_path / "c.pt", weights_only=True)
+    for e in payload["entries"]:
+        assert e["hyperparameters"] == sorted(e["hyperparameters"]) and len(e["hyperparameters"]) > 1
+        e["hyperparameters"] = e["hyperparameters"][::-1]
+    torch.save(payload, tmp_path / "reversed.pt")
+    s2 = pl.PruneSession(mlp, data, device="cpu")
+    n = len(count_sorts)
+    assert s2.load_cache(tmp_path / "reversed.pt") == 1
+    _same_result(s2.prune("grasp", 0.6, samples=8), want)
+    assert len(count_sorts) == n

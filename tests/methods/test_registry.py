@@ -139,3 +139,17 @@ def test_threshold_separation_and_nesting_property(method, s1, s2, allocation):
         pruned = torch.cat([scores[n][~b.masks[n]] for n in b.masks])
         if kept.numel() and pruned.numel():
             assert kept.min() >= pruned.max()
+
+
+def test_unsupported_data_kinds_are_validated_and_read_back():
+    from prune_lab.methods.registry import data_kind
+
+    with pytest.raises(ValueError, match="unsupported data kinds"):
+        register_method(MethodSpec("x_bad_kind", "x", "", lambda ctx, hp: {}, "uniform",
+                                   unsupported=(("images", "no"),)))
+    assert "x_bad_kind" not in pl.list_methods()
+    tokens = pl.data.tokens(torch.ones(2, 4, dtype=torch.long))
+    assert [data_kind(d) for d in (None, tokens, pl.data.token_bundle(tokens, tokens), pl.data.digits())] == \
+        ["none", "tokens", "tokens", "samples"]
+    for m in METHODS:  # every record reads back: a reason or "", never an error
+        assert isinstance(pl.get_method(m).unavailable_reason(tokens), str)

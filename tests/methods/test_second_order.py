@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import prune_lab as pl
-from prune_lab.core import obs as O
+from prune_lab.core import cbs as CBS
+from prune_lab.core import fisher as FI
 from prune_lab.methods import second_order as SO
 from tests.conftest import assert_state_equal, state_copy
 
@@ -103,7 +104,7 @@ def test_cbs_is_selection_plus_update_and_update_switch(small):
     plus_u = session.prune("cbs_select", 0.8, update="cbs_u", **hp)  # CBS-S+U: default Fisher N = 1000 > 120
     assert all(torch.equal(plus_u.masks[n], sel.masks[n]) for n in full.masks)
     # CBS-U by hand with the same Fisher: F_RR δw_R = F_RP w_P
-    fisher = next(v for v in session._scratch.values() if isinstance(v, O.EmpiricalFisher) and v.n == 48)
+    fisher = next(v for v in session.cache.current_scratch.values() if isinstance(v, FI.EmpiricalFisher) and v.n == 48)
     w = torch.cat([net[i].weight.detach().reshape(-1).double() for i in (1, 3)])
     P = torch.cat([~full.masks[n].reshape(-1) for n in ("1.weight", "3.weight")])
     Fd = fisher.dense()
@@ -136,8 +137,8 @@ def test_cbs_global_scope_keeps_total_and_start_masks_nest(small):
 def test_gradients_are_cached_across_sparsities(small, monkeypatch):
     net, data = small
     calls = []
-    real = O.per_sample_gradients
-    monkeypatch.setattr(O, "per_sample_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = FI.per_sample_gradients
+    monkeypatch.setattr(FI, "per_sample_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
     session = pl.PruneSession(net, data, device="cpu")
     for s in (0.5, 0.8, 0.9):
         session.prune("woodfisher", s, n_samples=32)
@@ -214,7 +215,7 @@ def test_cbs_keeps_the_lowest_loss_iterate_and_reports_it():
     (scope="global") a search of 14 swaps kept its start although swap iterates had a lower loss and objective.
     The loss is now taken after every outer iteration (swap); the kept mask has the lowest loss of the start and
     every iterate, found here independently by stopping the deterministic search after j swaps, j = 0 … all."""
-    from prune_lab.core import obs as O
+    from prune_lab.core import cbs as CBS
     from prune_lab.methods import second_order as SO
 
     data = pl.data.digits()
@@ -225,19 +226,36 @@ def test_cbs_keeps_the_lowest_loss_iterate_and_reports_it():
     assert set(info) >= {"cbs_objective", "cbs_loss", "magnitude_objective", "magnitude_loss"}
 
     hp = SO.CBSHyperparameters(scope="global")
-    ctx = session._context(session._snapshot(), 0, None)
+    ctx = session.score_context()
     fisher, w = SO._fisher(ctx, hp), SO._flat(ctx)
     loss_fn = SO._loss_fn(ctx, hp, w)
     k = int(sum(res.pruned))
-    full = O.cbs_select(fisher, w, [(0, w.numel())], [k], loss_fn=loss_fn, eval_every=0)
+    full = CBS.cbs_select(fisher, w, [(0, w.numel())], [k], loss_fn=loss_fn, eval_every=0)
     assert full.swaps >= 2
     # the final mask of a search stopped after j swaps is iterate j; eval_every=0 judges only that one
-    best_loss = min(O.cbs_select(fisher, w, [(0, w.numel())], [k], loss_fn=loss_fn, eval_every=0,
+    best_loss = min(CBS.cbs_select(fisher, w, [(0, w.numel())], [k], loss_fn=loss_fn, eval_every=0,
                                  max_swaps=j).loss for j in range(full.swaps + 1))
     assert info["cbs_loss"] == pytest.approx(best_loss, rel=1e-9)
     assert info["cbs_loss"] < min(full.start_losses)  # the search's gain is kept, not thrown away
     # never worse than the magnitude start on both objective and loss; here better on both
     assert info["cbs_objective"] < info["magnitude_objective"] and info["cbs_loss"] < info["magnitude_loss"]
     kept = torch.cat([res.masks[n].reshape(-1) for n in res.layers])
-    assert O.cbs_objective(fisher, w, ~kept) == pytest.approx(info["cbs_objective"], rel=1e-9)
+    assert CBS.cbs_objective(fisher, w, ~kept) == pytest.approx(info["cbs_objective"], rel=1e-9)
 
+
+
+def test_on_token_data_the_cbs_judge_is_the_evaluation_loss():
+    """CBS keeps the mask with the lowest training loss: on token data that is the mean next-token loss, the very
+    number ``pl.evaluate`` reports on the same sequences."""
+    from tests.lm_helpers import pattern_ids, quiet_session, trained_llama
+
+    lm = trained_llama()
+    calib = pl.data.tokens([pattern_ids(6, 12, seed=8), pattern_ids(4, 9, seed=9)], batch_size=4)  # right-padded
+    session = quiet_session(lm, pl.data.token_bundle(calib, pattern_ids(4, 12, seed=10)),
+                            exclude=pl.models.causal_lm_exclude(lm))
+    res = session.prune("cbs_select", 0.5, allocation="uniform", n_samples=10, max_swaps=20, trials=2, window=10)
+    assert res.sparsity == pytest.approx(0.5)
+    assert res.info["cbs_loss"] == pytest.approx(pl.evaluate(lm, calib, masks=res.masks)["loss"], rel=1e-5)
+    mag = session.prune("magnitude", 0.5)  # trial 0 of the search: the layer's magnitude mask
+    assert res.info["magnitude_loss"] == pytest.approx(pl.evaluate(lm, calib, masks=mag.masks)["loss"], rel=1e-5)
+    assert res.info["cbs_loss"] <= res.info["magnitude_loss"] + 1e-9

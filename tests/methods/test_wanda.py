@@ -260,3 +260,67 @@ def test_gpt2_conv1d_is_named_then_converted():
     session = quiet_session(linear, pl.data.tokens(ids), exclude=pl.models.causal_lm_exclude(linear))
     assert len(session.layer_names) == 8 and all(".h." in n for n in session.layer_names)
     assert session.prune("wanda", 0.5).sparsity == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ sequential
+def _block_inputs(store):
+    """A forward pre-hook keeping the hidden states that enter a decoder block."""
+    def hook(_m, args, kwargs):
+        store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    return hook
+
+
+def test_sequential_feeds_each_block_the_outputs_of_the_already_pruned_blocks():
+    model = trained_llama()
+    before = state_copy(model)
+    data = pl.data.tokens(pattern_ids(16, 16, seed=7), batch_size=8)
+    session = quiet_session(model, data, exclude=pl.models.causal_lm_exclude(model))
+    one = session.prune("wanda", 0.6)  # its one-pass norms are cached: the sequential call ranks with them
+    block1 = model.model.layers[1]
+    seen = []  # what entered block 1 during the sequential calibration passes
+    handle = block1.register_forward_pre_hook(_block_inputs(seen), with_kwargs=True)
+    try:
+        seq = session.prune("wanda", 0.6, sequential=True)
+    finally:
+        handle.remove()
+    # the pass for block 0 stops after it (block 1 never runs); the pass for block 1 runs it once per chunk
+    assert len(seen) == 2
+    # the pruned model, on the same calibration sequences: block 1's inputs are the ones Wanda calibrated on
+    ids, _ = pl.data.calibration_batch(data, n=128, split="train", seed=0)
+    params = dict(model.named_parameters())
+    masked = {n: params[n].detach() * seq.masks[n] for n in seq.masks}
+    pruned, dense = [], []
+    for store, weights in ((pruned, masked), (dense, {})):
+        handle = block1.register_forward_pre_hook(_block_inputs(store), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for a in range(0, ids.shape[0], 8):
+                    torch.func.functional_call(model, weights, (ids[a:a + 8],), {"use_cache": False})
+        finally:
+            handle.remove()
+    assert torch.allclose(torch.cat(seen), torch.cat(pruned), atol=1e-6)
+    assert (torch.cat(pruned) - torch.cat(dense)).abs().max() > 1e-2  # pruning block 0 did change them
+    # block 0 is calibrated on the dense model either way; block 1's masks differ from the one-pass version
+    for n in seq.masks:
+        same = torch.equal(seq.masks[n], one.masks[n])
+        assert same if ".layers.0." in n else not same, n
+        assert int((~seq.masks[n]).sum()) == int((~one.masks[n]).sum())  # same exact counts
+    assert_state_equal(model, before)
+
+
+def test_sequential_on_a_model_without_blocks_goes_layer_by_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(64, 6) * torch.tensor([1.0, 5.0, 0.2, 1.0, 3.0, 0.5])
+    data = (x, torch.zeros(64, dtype=torch.long))
+    assert [g for _, g in pl.methods.wanda.calibration_groups(net, ["0.weight", "2.weight", "4.weight"])] == \
+        [["0.weight"], ["2.weight"], ["4.weight"]]
+    seq = pl.prune(net, "wanda", 0.5, data=data, sequential=True)
+    one = pl.prune(net, "wanda", 0.5, data=data)
+    assert torch.equal(seq.masks["0.weight"], one.masks["0.weight"])  # the first layer sees the raw inputs
+    assert not torch.equal(seq.masks["4.weight"], one.masks["4.weight"])
+    # layer 4's norms: its inputs in the network whose layers 0 and 2 are pruned
+    w = {n: p.detach() * seq.masks[n] for n, p in net.named_parameters() if n in seq.masks}
+    norms = input_feature_norms(net, data, ["4.weight"], weights={k: v for k, v in w.items() if k != "4.weight"})
+    k = int((~seq.masks["4.weight"]).sum())
+    assert torch.equal(~row_pruned(wanda_scores(net[4].weight.detach(), norms["4.weight"]), k), seq.masks["4.weight"])

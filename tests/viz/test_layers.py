@@ -95,4 +95,46 @@ def test_labels_stay_distinct_when_blocks_repeat_their_parts():
     assert len(set(labels)) == len(names)
     assert labels[0].endswith("encoder_layer_0.self_attention.in_proj") and labels[-1] == "heads.head"
     fig = plot_layers(pd.DataFrame({"method": "lamp", "layer": names, "n_weights": 10, "sparsity": 0.5}))
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == labels
+    # in the panel the blocks are headings, and each layer reads as its part of the block
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == \
+        ["self_attention.in_proj", "self_attention.out_proj"] * 12 + ["heads.head"]
+    assert sum(t.get_text().endswith("encoder_layer_3") for t in fig.axes[0].texts) == 1
+
+
+LLAMA = [f"model.layers.{b}.{part}.weight" for b in range(24) for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj")]
+
+
+def test_repeated_blocks_are_found_in_the_common_naming_schemes():
+    from prune_lab.viz.layers import layer_blocks
+
+    assert layer_blocks(LLAMA)[:8] == ["model.layers.0"] * 7 + ["model.layers.1"]
+    gpt2 = [f"transformer.h.{b}.{p}.weight" for b in range(3) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
+    assert sorted(set(layer_blocks(gpt2))) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    vit = ["conv_proj.weight"] + [f"encoder.layers.encoder_layer_{b}.{p}" for b in range(2)
+                                  for p in ("self_attention.in_proj_weight", "mlp.0.weight")]
+    assert layer_blocks(vit) == ["", *["encoder.layers.encoder_layer_0"] * 2, *["encoder.layers.encoder_layer_1"] * 2]
+    assert layer_blocks(["fc1.weight", "fc2.weight", "fc3.weight"]) is None  # no repeated block
+    assert layer_blocks(["a.0.weight", "b.weight", "a.0.bias_like.weight"]) is None  # a block split in two
+
+
+def test_a_24_block_language_model_reads_per_block():
+    methods = ("magnitude", "wanda", "lamp")
+    rng = np.random.default_rng(1)
+    t = pd.DataFrame([{"method": m, "layer": n, "n_weights": 4096, "sparsity": rng.uniform(),
+                       "relative_frobenius": rng.uniform()} for m in methods for n in LLAMA])
+    fig = plot_layers(t, width_px=800)
+    FigureCanvasAgg(fig).draw()
+    ticks = [x.get_text() for x in fig.axes[0].get_yticklabels()]
+    assert ticks[:7] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # each layer by its part of the block
+    heads = [x for x in fig.axes[0].texts if x.get_text().startswith("model.layers.")]
+    assert [x.get_text() for x in heads] == [f"model.layers.{b}" for b in range(24)]
+    assert all(x.get_fontsize() >= 8 for x in heads + fig.axes[0].get_yticklabels())
+    renderer = fig.canvas.get_renderer()
+    for head in heads[:3]:  # the block's name ends before its first layer's label begins
+        row = [x for x in fig.axes[0].get_yticklabels()][int(head.get_position()[1])]
+        assert head.get_window_extent(renderer).x1 < row.get_window_extent(renderer).x0
+        assert head.get_window_extent(renderer).x0 >= 0
+    assert hit_test(fig, 400, fig.bbox.height - fig.axes[0].transData.transform((0.1, 8))[1])[0] == LLAMA[8]

@@ -1,4 +1,6 @@
 import matplotlib
+import matplotlib.text
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -116,3 +118,81 @@ def test_perplexity_curve_is_on_a_log_axis_without_percent():
     assert any(l.get_label() == "dense" and l.get_ydata()[0] == 10.0 for l in ax.get_lines())
     with pytest.raises(ValueError, match="unknown metric 'ppl'"):
         plot_accuracy_curve(df, metric="ppl")
+
+
+def _texts(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+
+
+def _axis_labels(fig):
+    out = []
+    for ax in fig.axes:
+        out += [ax.get_xlabel(), ax.get_ylabel(), ax.get_title()]
+    return [t for t in out + [fig._suptitle.get_text() if fig._suptitle else ""] if t]
+
+
+def test_axis_labels_are_words_with_units_not_formulas():
+    figs = [plot_layer_sparsity(TABLE), plot_distortion(DIST), plot_distortion(DIST, relative=False),
+            plot_accuracy_curve(pd.DataFrame({"method": ["lamp"] * 2, "sparsity": [0.5, 0.9], "accuracy": 0.5})),
+            plot_mask(torch.ones(3, 4, dtype=torch.bool), other=torch.zeros(3, 4, dtype=torch.bool),
+                      names=("lamp", "lap"))]
+    for fig in figs:
+        for text in _axis_labels(fig):
+            assert "‖" not in text and "_F" not in text, text  # a formula alone is not a label
+            assert len([w for w in text.replace("\n", " ").split() if w.isalpha()]) >= 1, text
+    top, bottom = figs[1].axes
+    assert top.get_ylabel() == "single-layer distortion\n(relative)"
+    assert bottom.get_ylabel() == "lookahead distortion\n(relative)"
+    assert figs[2].axes[1].get_ylabel() == "lookahead distortion\n(Frobenius norm)"
+    assert "%" in figs[3].axes[0].get_ylabel()
+    assert "LAMP" in figs[4].axes[0].get_title()  # display names, not ids
+
+
+def test_no_text_below_8_pt_and_legends_beside_the_data():
+    many = pd.DataFrame({"method": ["lamp"] * 60 + ["magnitude"] * 60,
+                         "layer": [f"features.block{i}.conv.weight" for i in range(60)] * 2,
+                         "n_weights": [2_359_296] * 120, "sparsity": 0.9})
+    curve = pd.DataFrame({"method": ["lamp"] * 3, "sparsity": [0.0, 0.5, 0.99], "accuracy": [0.98, 0.97, 0.1]})
+    figs = [plot_layer_sparsity(TABLE), plot_layer_sparsity(many), plot_distortion(DIST),
+            plot_accuracy_curve(curve, dense=0.98), plot_accuracy_curve(curve, log_remaining=True)]
+    for fig in figs:
+        assert min(t.get_fontsize() for t in _texts(fig)) >= 8
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:  # outside the axes: it never hides a bar or a curve
+                assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_many_layers_are_lines_over_the_layers_with_every_name():
+    layers = [f"layer{i // 3}.{i % 3}.conv.weight" for i in range(54)]
+    table = pd.DataFrame({"method": ["magnitude"] * 54 + ["lamp"] * 54, "layer": layers * 2,
+                          "n_weights": [9408] * 108, "sparsity": [0.9] * 54 + list(np.linspace(0.2, 0.99, 54))})
+    fig = plot_layer_sparsity(table)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [l.get_label() for l in lines] == ["Magnitude (MP)", "LAMP"]
+    assert list(lines[1].get_ydata()) == pytest.approx(list(np.linspace(0.2, 0.99, 54)))
+    assert lines[0].get_marker() != lines[1].get_marker()  # coinciding lines stay apart in grey-scale too
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(ticks) == 54 and ticks[0] == "layer0.0.conv (9.4k)"
+    assert fig.get_size_inches()[0] <= 16
+    assert not update_bars(fig, table)  # line figures are rebuilt, not updated in place
+    dist = plot_distortion(table.assign(relative_frobenius=0.5, relative_lookahead=0.4))
+    assert [len(a.get_lines()) for a in dist.axes] == [2, 2]
+
+
+def test_pdf_fonts_are_truetype_and_report_csv_labels_are_display_names(tmp_path):
+    import re
+
+    table = TABLE.assign(label=TABLE.method)  # layer_table(...).assign(method=label): a label column of ids
+    written = save_figure(plot_layer_sparsity(table), tmp_path / "bars")
+    pdf = next(p for p in written if p.suffix == ".pdf").read_bytes()
+    assert b"/FontFile2" in pdf and not re.search(rb"/Subtype\s*/Type3", pdf)
+    csv = pd.read_csv(tmp_path / "bars.csv")
+    assert csv["label"].tolist() == ["Magnitude (MP)"] * 2 + ["LAMP"] * 2
+    kept = save_figure(plot_layer_sparsity(TABLE.assign(label=["ours", "ours", "theirs", "theirs"])),
+                       tmp_path / "own")
+    assert pd.read_csv(kept[-1])["label"].tolist() == ["ours", "ours", "theirs", "theirs"]  # a user's own labels

@@ -93,3 +93,18 @@ def test_heat_maps_side_by_side_per_method_and_saved_with_data(tmp_path):
     assert [ax.get_title() for ax in maps] == [pl.get_method("magnitude").label, pl.get_method("lamp").label]
     paths = pl.viz.save_figure(fig, tmp_path / "sens", formats=("png",))
     assert pd.read_csv(paths[-1]).shape == (len(df), df.shape[1] + 1)  # + the methods' display names
+
+
+def test_axis_words_name_the_metric_and_its_unit_and_the_legend_stays_off_the_panels():
+    df = frame(3, methods=("magnitude", "lamp"), prefix="l{i}")
+    fig = plot_sensitivity(df)
+    assert fig.get_supylabel() == "test loss (cross-entropy)"
+    assert fig.get_supxlabel() == "layer sparsity (fraction removed; other layers dense)"
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1  # one legend, beside
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Magnitude (MP)", "LAMP"]
+    assert "l0 (100 weights)" in [ax.get_title() for ax in fig.axes]
+    heat = plot_sensitivity(frame(3), layout="heatmap")
+    colorbar = heat.axes[-1]
+    assert colorbar.get_ylabel() == "test-loss increase over dense"
+    acc = plot_sensitivity(frame(3).assign(metric="accuracy"), layout="heatmap")
+    assert acc.axes[-1].get_ylabel() == "accuracy drop (fraction)"

@@ -404,3 +404,55 @@ def test_export_with_nothing_to_show_says_so(tmp_path):
     with pytest.raises(ValueError, match="nothing to export"):
         lab.export(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_causal_lm_shows_perplexity_and_its_layers_per_block(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lm_helpers import pattern_ids, quiet_session, trained_llama
+
+    model = trained_llama()
+    data = pl.data.token_bundle(pattern_ids(32, 16, seed=1), pattern_ids(32, 16, seed=2))
+    session = quiet_session(model, data=data, exclude=pl.models.causal_lm_exclude(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lab = PruneLab(session, methods=["magnitude", "wanda", "lamp", "lap"], sparsity=0.5, debounce_s=0)
+    assert lab.metric == "perplexity" and lab.state.methods == ("magnitude", "wanda", "lamp")
+    lab.slider.value = 0.7
+    assert lab.state.error == ""
+    summary = lab.summary.set_index("method")
+    dense = session.evaluate()["perplexity"]
+    assert (summary["perplexity"] > dense).all()  # pruning 70 % costs perplexity
+    ev = session.evaluate(lab.results["wanda"])
+    assert summary.loc["wanda", "perplexity"] == pytest.approx(ev["perplexity"], rel=1e-3)
+    assert "accuracy %" not in summary and "next-token accuracy %" in summary
+    curve = lab.figures["accuracy"]
+    ax = curve.axes[0]
+    assert ax.get_yscale() == "log" and "perplexity" in ax.get_ylabel()
+    rows = curve.plot_data
+    assert set(rows["method"]) == {"magnitude", "wanda", "lamp"} and rows["perplexity"].notna().all()
+    at = rows[(rows["method"] == "magnitude")].sort_values("sparsity")
+    assert at["perplexity"].iloc[-1] > at["perplexity"].iloc[0]  # the curve rises with sparsity
+    heads = [t.get_text() for t in lab.figures["layers"].axes[0].texts]
+    assert heads == ["model.layers.0", "model.layers.1"]
+    names = {p.name for p in lab.export(tmp_path)}
+    assert {"accuracy.png", "accuracy.csv"} <= names
+    assert "perplexity" in (tmp_path / "accuracy.csv").read_text().splitlines()[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_methods_a_language_model_refuses_are_disabled_with_the_reason():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lm_helpers import pattern_ids, quiet_session, tiny_llama
+
+    model = tiny_llama(0)
+    session = quiet_session(model, data=pl.data.token_bundle(pattern_ids(8, 12, seed=1), pattern_ids(8, 12, seed=2)),
+                            exclude=pl.models.causal_lm_exclude(model))
+    lab = PruneLab(session, methods=["magnitude", "synflow", "snip"], debounce_s=0)
+    assert lab.unavailable["snip"] == "" and lab.unavailable["synflow"]
+    assert lab.method_boxes["synflow"].disabled and lab.unavailable["synflow"] in lab.method_boxes["synflow"].tooltip
+    assert "synflow" not in lab.state.methods
