@@ -39,7 +39,8 @@ from ..core.graph import stored_weight
 from ..core.neighbours import input_channel_index
 from ..core.validation import input_error, match_input_dtype
 from ..data import as_tokens
-from ..models.hf import decoder_blocks, forward_kwargs, vocab_size
+from ..core.losses import lm_forward_kwargs
+from ..models.hf import decoder_blocks, vocab_size
 from ._data import data_id, method_batch
 from .registry import MethodSpec, hparam, register_method
 
@@ -158,7 +159,7 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
             kw = {}
             if tokens is not None:
                 current["mask"] = aux[a:a + chunk].to(dev)
-                kw = forward_kwargs(model, current["mask"])
+                kw = lm_forward_kwargs(model, current["mask"])
             try:
                 functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
             except _StopPass:

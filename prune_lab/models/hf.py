@@ -7,18 +7,17 @@ transformers).
 - :func:`conv1d_to_linear`: a copy of a GPT-2-style model with ``transformers``' ``Conv1D`` layers (weight
   ``(in, out)``) turned into equivalent ``nn.Linear`` layers, which prune_lab prunes.
 - :func:`decoder_blocks`: the decoder blocks in order, the unit of Wanda's block-by-block calibration.
-- :func:`output_logits`, :func:`forward_kwargs`, :func:`vocab_size`: what evaluation needs to run an LM.
+- :func:`vocab_size`: the vocabulary an LM's token ids must fit (the forward pass's keyword arguments and its
+  logits: :mod:`prune_lab.core.losses`).
 """
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 from torch import nn
 
-__all__ = ["causal_lm_exclude", "conv1d_to_linear", "decoder_blocks", "forward_kwargs", "is_hf_model",
-           "output_logits", "vocab_size"]
+__all__ = ["causal_lm_exclude", "conv1d_to_linear", "decoder_blocks", "is_hf_model", "vocab_size"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -116,45 +115,6 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
                 lin.weight.requires_grad_(child.weight.requires_grad)
                 setattr(parent, child_name, lin)
     return out
-
-
-def output_logits(out) -> torch.Tensor:
-    """The logits in a model's output: a tensor as is, ``out.logits`` (``transformers`` outputs), ``out["logits"]``
-    or the first element of a tuple.
-
-    >>> output_logits((torch.zeros(1, 2, 3), None)).shape
-    torch.Size([1, 2, 3])
-    """
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}; expected logits: a tensor, an output with "
-                        f".logits, or a tuple whose first element is the logits.")
-    return logits
-
-
-def forward_kwargs(model: nn.Module, attention_mask: torch.Tensor | None = None) -> dict:
-    """Keyword arguments for an LM forward pass: ``attention_mask`` when there is padding and ``forward`` takes it,
-    ``use_cache=False`` when ``forward`` takes it (no key/value cache built during evaluation or calibration).
-
-    >>> forward_kwargs(nn.Linear(2, 2), torch.ones(1, 2))
-    {}
-    """
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    kw = {}
-    if "use_cache" in params:
-        kw["use_cache"] = False
-    if attention_mask is not None and "attention_mask" in params and not bool(attention_mask.all()):
-        kw["attention_mask"] = attention_mask
-    return kw
 
 
 def vocab_size(model: nn.Module) -> int | None:

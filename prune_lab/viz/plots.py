@@ -292,8 +292,13 @@ def plot_accuracy_curve(data: pd.DataFrame, *, current: float | None = None, den
 
             ax.set_ylabel("perplexity (held-out tokens, log scale)")
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, 200 …
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+            lo, hi = ax.get_ylim()
+            # 10, 20, 50, 100, 200 …; within one decade finer steps, so the axis keeps a few labelled ticks
+            span = hi / max(lo, 1e-12)
+            subs = (1.0, 2.0, 5.0) if span > 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if span > 2.5 else \
+                (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title or f"{metric.capitalize()} vs sparsity (no fine-tuning)")
         ax.legend(title=kind(list(dict.fromkeys(data["method"]))), loc="upper left", bbox_to_anchor=(1.01, 1.0),

@@ -196,3 +196,17 @@ def test_pdf_fonts_are_truetype_and_report_csv_labels_are_display_names(tmp_path
     kept = save_figure(plot_layer_sparsity(TABLE.assign(label=["ours", "ours", "theirs", "theirs"])),
                        tmp_path / "own")
     assert pd.read_csv(kept[-1])["label"].tolist() == ["ours", "ours", "theirs", "theirs"]  # a user's own labels
+
+
+@pytest.mark.parametrize("values", [(7.2, 9.0, 14.1), (18.0, 40.0, 650.0)])
+def test_a_perplexity_axis_keeps_a_few_plain_number_ticks(values):
+    import pandas as pd
+
+    from prune_lab.viz import plot_accuracy_curve
+
+    df = pd.DataFrame({"method": "magnitude", "sparsity": [0.3, 0.6, 0.9], "perplexity": list(values)})
+    ax = plot_accuracy_curve(df, metric="perplexity").axes[0]
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+    assert len(shown) >= 3 and all(t.replace(",", "").replace(".", "").isdigit() for t in shown), shown
