@@ -110,8 +110,9 @@ def distortion(session, result: PruneResult, *, data=None, lookahead: bool = Tru
     relative_lookahead`` (÷ the lookahead distortion of removing the whole layer, ``‖W₊ W W₋‖``); with data (given
     here or to the session), a ``(model)`` row adds ``output_distortion`` (``mean_x ‖f(x;W) − f(x;W̃)‖ /
     ‖f(x;W)‖`` on a calibration batch) and ``loss_change``. Updated weights are used when the method provides them.
-    ``stop``: a ``threading.Event`` checked between layers (and between slices of a large dense product); once set, the table so far is returned with
-    ``df.attrs["interrupted"] = True`` (a dashboard whose slider moved on)."""
+    ``stop``: a ``threading.Event`` checked between layers (and between the slices of a large dense product);
+    once set, the table so far is returned with ``df.attrs["interrupted"] = True`` (a dashboard whose slider moved
+    on)."""
     with session.lock:
         if lookahead:
             session.graph.warn_unresolved("the lookahead distortion", stacklevel=4)

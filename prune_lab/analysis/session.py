@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.allocation import SensitivityTable
+from ..core.allocation import SensitivityTable, get_allocation
 from ..core.device import resolve_device
 from ..core.ranking import Ranking
 from ..data import data_identity
@@ -181,11 +181,14 @@ class PruneSession:
         >>> s.query("lamp", 0.5) == s.prune("lamp", 0.5).query
         True
         """
-        return self._make_query(method, sparsity, allocation, seed, masks, update, overrides, hp)[0]
+        with self.lock:
+            return self._make_query(method, sparsity, allocation, seed, masks, update, overrides, hp)[0]
 
     def _make_query(self, method, sparsity, allocation, seed, masks, update, overrides, hp) -> tuple:
         """``(query, checked starting masks, sensitivity table)``; argument errors before the masks are read."""
-        table = self.sensitivity_table
+        # the installed table (which checks the weights' fingerprint) only when the allocation reads one
+        alloc = get_allocation(allocation if allocation is not None else get_method(method).default_allocation)
+        table = self.sensitivity_table if "sensitivity" in alloc.needs else None
         q = Query.make(method, sparsity, allocation=allocation, seed=seed, overrides=overrides, update=update,
                        table="" if table is None else table.key, **hp)
         start = self.snapshot.check_masks(masks)
@@ -217,7 +220,7 @@ class PruneSession:
             if masks_key(start) != query.start:
                 raise ValueError("masks do not match the query's starting-masks key (query.start); pass the masks "
                                  "the query was made with.")
-            table = self.sensitivity_table
+            table = self.sensitivity_table if query.table else None  # only an allocation that reads one has a key
             if query.table and (table is None or table.key != query.table):
                 raise ValueError("the query was made with another sensitivity table than the session's "
                                  "(query.table); install it with session.use_sensitivity(table).")

@@ -95,13 +95,14 @@ class LayerLookahead:
     """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, groups: int = 1,
-                 max_references: int = 4, left: torch.Tensor | None = None, right: torch.Tensor | None = None):
+                 max_references: int = 4, left: torch.Tensor | None = None, right: torch.Tensor | None = None,
+                 stop=None):
         self.left, self.right = left, right  # thin factors of A and B (see layer_factors), or None
         self._a, self._b, self.groups = a, b, groups
         self.weight = weight.detach().float()
         self.w = per_tap(self.weight, groups)  # (T, out, in)
         self.max_references = max_references
-        self.y_full = self.apply(self.w)
+        self.y_full = self.apply(self.w, stop)
         self.full_sq = max(_dot(self.y_full, self.w), 0.0)
         self.references: list = []  # [(removed mask, Y_a, f_a)], most recent first
         self.ordered: list = []  # [(order, k, Y_a, f_a)]: the first k of a pruning order removed, most recent first
@@ -278,11 +279,11 @@ class LayerLookahead:
             self._sample_idx = torch.randint(0, self.numel, (4096,), generator=g).to(self.weight.device)
         return self._sample_idx
 
-    def value(self, change: torch.Tensor) -> float:
+    def value(self, change: torch.Tensor, stop=None) -> float:
         """``f(D)`` for any change ``D`` of the weight (weight layout; e.g. with updated kept weights): dense."""
         self.paths["dense"] += 1
         d = per_tap(change.float(), self.groups)
-        return max(_dot(self.apply(d), d), 0.0)
+        return max(_dot(self.apply(d, stop), d), 0.0)
 
     def nbytes(self) -> int:
         tensors = [self.y_full, self.w] + [t for r in self.references for t in r[:2]] + [r[2] for r in self.ordered]
@@ -330,12 +331,12 @@ class LookaheadCache:
         self.max_references = max_references
         self.layers: dict = {}
 
-    def layer(self, name: str) -> LayerLookahead:
+    def layer(self, name: str, stop=None) -> LayerLookahead:
         hit = self.layers.get(name)
         if hit is None:
             a, b, left, right = layer_factors(self.graph, self.weights, name, self.scales)
             hit = self.layers[name] = LayerLookahead(a, b, self.weights[name], self.graph.layers[name].groups,
-                                                     self.max_references, left, right)
+                                                     self.max_references, left, right, stop)
         return hit
 
     def full(self, name: str) -> float:
@@ -349,12 +350,12 @@ class LookaheadCache:
         pruning order, a cached ranking's, which finds the change from a reference without a scan) or, when the
         method updates kept weights, for the new weight ``weight`` (``W̃``; computed densely). ``stop``: a
         ``threading.Event``; a dense product raises :class:`Interrupted` between its slices once it is set."""
-        layer = self.layer(name)
+        layer = self.layer(name, stop)  # kept only once complete: a stopped first visit leaves nothing behind
         if weight is None and order is not None and n_removed is not None:
             return layer.value_ordered(order, n_removed, stop) ** 0.5
         if weight is not None:
             w = self.weights[name].detach()
-            return layer.value(w.float() - weight.detach().to(w.device).float()) ** 0.5
+            return layer.value(w.float() - weight.detach().to(w.device).float(), stop) ** 0.5
         return layer.value_removed(~mask.to(torch.bool), n_removed, stop) ** 0.5
 
     def nbytes(self) -> int:

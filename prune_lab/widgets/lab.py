@@ -9,20 +9,23 @@ How a slider move becomes pixels, on a model of any size:
 - Controls are linked to :class:`LabState`. A state change only bumps a generation counter and wakes one worker
   thread (the kernel's message loop never waits on a draw), so during a drag the newest value wins: the worker
   draws the latest state whenever it is free, and no stale position is replayed after mouse-up.
-- A *frame* (the fast path): per method a cached-ranking lookup (:meth:`PruneSession.prune`), the per-layer
-  sparsity and single-layer distortion that come with it, the summary counts, and a blitted redraw of the layer
-  panel (a few ``PolyCollection``\\ s) and of the accuracy panel's current-sparsity marker. Every panel, the
-  readout, the status and the marker are set from the same state in the same frame.
-- When the slider has rested ``debounce_s`` seconds since its last change, the *rest* phase: methods that are expensive per sparsity
-  (sequential LAP, SynFlow, WoodFisher, CBS, layerwise OBS) are computed at the current point, the lookahead
-  distortion (:mod:`prune_lab.core.lookahead`), then accuracy, loss, output distortion and BatchNorm-recalibrated
-  accuracy; finally the accuracy curves of expensive methods fill in over the grid with a progress bar. A newer
-  slider move stops the rest phase between steps; what it finished stays cached.
+- A *frame* (the fast path): per method a cached-ranking lookup (``session.prune_query`` of
+  :meth:`PruneLab.query`), the per-layer sparsity and single-layer distortion that come with it, the summary
+  counts, and a blitted redraw of the layer panel (a few ``PolyCollection``\\ s) and of the accuracy panel's
+  current-sparsity marker. Every panel, the readout, the status and the marker are set from the same state in the
+  same frame.
+- When the slider has rested ``debounce_s`` seconds since its last change, the *rest* phase: methods that are
+  expensive per sparsity (sequential LAP, SynFlow, WoodFisher, CBS, layerwise OBS) are computed at the current
+  point, the lookahead distortion (:mod:`prune_lab.core.lookahead`), then accuracy (perplexity for a causal LM),
+  loss, output distortion and BatchNorm-recalibrated accuracy; finally the curves of expensive methods fill in over
+  the grid with a progress bar. A newer slider move stops the rest phase between steps (and inside a large dense
+  lookahead product); what it finished stays cached.
 
 Every lookup goes through one key (:meth:`PruneLab.query`): the session's :class:`~prune_lab.Query` — method,
-sparsity rounded to the slider's precision, allocation, hyperparameters and layer overrides. Hovering a bar or a point says what it is; clicking a layer
-selects it for the overrides; the legend's toggles hide or show a method. ``debounce_s=0`` runs everything in
-line (no thread): tests and scripts use it. Every button calls a public method that tests call directly.
+sparsity rounded to the slider's precision, allocation, hyperparameters and layer overrides. Hovering a bar or a
+point says what it is; clicking a layer selects it for the overrides; the legend's toggles hide or show a method.
+``debounce_s=0`` runs everything in line (no thread): tests and scripts use it. Every button calls a public method
+that tests call directly.
 """
 from __future__ import annotations
 
@@ -80,9 +83,10 @@ class PruneLab:
 
     ``methods``: the methods offered (default: every registered method); those of magnitude, LAMP, LAP that run
     are selected (magnitude, Wanda, LAMP for a causal LM on token data, whose panel shows perplexity instead of
-    accuracy, and whose layer panel groups the layers by block). ``debounce_s``: seconds the slider must rest before the rest phase (lookahead, accuracy,
-    expensive methods); 0 runs everything in line. ``width``: the panels' width in pixels (they follow the
-    notebook's width when it is narrower, at the first hover). ``input_shape``: one input sample's shape, for
+    accuracy); ``selected`` chooses others. ``debounce_s``: seconds the slider must rest, counted from its last
+    change, before the rest phase (lookahead, accuracy, expensive methods); 0 runs everything in line.
+    ``width``: the panels' width in pixels (they follow the notebook's width when it is narrower, at the first
+    hover). ``input_shape``: one input sample's shape, for
     data-free methods that need one (SynFlow) when the session has no data.
     """
 
@@ -330,7 +334,15 @@ class PruneLab:
         self.hp_box.children = rows
 
     def _set_hyperparameter(self, method, name, value):
-        self.hyperparameters[method][name] = value
+        """A hyperparameter from its control: checked against the method's declared ones first, so a bad value is
+        one message in the status line and the last valid one stays."""
+        proposed = {**self.hyperparameters[method], name: value}
+        try:
+            get_method(method).make_hyperparameters(**proposed)
+        except (TypeError, ValueError) as exc:
+            self.state.error = f"{get_method(method).label}: {exc}"
+            return
+        self.hyperparameters[method] = proposed
         self._on_change(None)
 
     def _repr_mimebundle_(self, **kwargs):  # a notebook shows the dashboard when the lab is a cell's value
@@ -484,6 +496,7 @@ class PruneLab:
     def close(self):
         """Stop the worker thread and close the widgets."""
         self._closed = True
+        self._stop.set()  # a running rest phase stops at its next step
         self._wake.set()
         self.widget.close()
 
@@ -509,7 +522,7 @@ class PruneLab:
         parts = []
         fingerprint = self.session.fingerprint  # retrained weights: their own lookahead, not the old one
         for m, r in results.items():
-            look = self._lookahead.get((fingerprint, self.query(m, s)), {})
+            look = self._lookahead.get((fingerprint, r.query), {})  # the result's own key (a last valid state too)
             parts.append(pd.DataFrame({
                 "method": m, "layer": list(r.layers), "n_weights": list(r.numel),
                 "sparsity": [p / n for p, n in zip(r.pruned, r.numel)],
@@ -643,12 +656,12 @@ class PruneLab:
                 for m in st.methods:
                     if self._stale(gen):
                         return
-                    q = (self.session.fingerprint, self.query(m, s))
-                    if q in self._lookahead:
-                        continue
                     try:
                         r = self._result(m, s)
                     except ValueError:
+                        continue
+                    q = (self.session.fingerprint, r.query)
+                    if q in self._lookahead:
                         continue
                     with self._lock:
                         dist = self.session.distortion(r, output=False, stop=stop)
@@ -704,7 +717,7 @@ class PruneLab:
             for i, (m, p) in enumerate(todo):
                 if self._stale(gen):
                     return
-                self.progress_label.value = f"filling accuracy curves: {get_method(m).label} at {p:g} " \
+                self.progress_label.value = f"filling {self.metric} curves: {get_method(m).label} at {p:g} " \
                                             f"({i + 1}/{len(todo)})"
                 try:
                     r = self._result(m, p)

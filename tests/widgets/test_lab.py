@@ -456,3 +456,13 @@ def test_methods_a_language_model_refuses_are_disabled_with_the_reason():
     assert lab.unavailable["snip"] == "" and lab.unavailable["synflow"]
     assert lab.method_boxes["synflow"].disabled and lab.unavailable["synflow"] in lab.method_boxes["synflow"].tooltip
     assert "synflow" not in lab.state.methods
+
+
+def test_a_bad_hyperparameter_is_one_message_and_the_panels_keep_drawing(session):
+    lab = PruneLab(session, methods=["magnitude", "synflow"], selected=("magnitude", "synflow"), debounce_s=0)
+    before = dict(lab.hyperparameters["synflow"])
+    lab._set_hyperparameter("synflow", "input_shape", 3)  # what a mistyped text box sends
+    assert "SynFlow" in lab.state.error and lab.hyperparameters["synflow"] == before
+    lab.slider.value = 0.6
+    assert lab.state.error == "" and "sparsity=0.600" in lab.state.status
+    assert set(lab.figures["layers"].plot_data["method"]) == {"magnitude", "synflow"}
