@@ -134,6 +134,7 @@ class PruneLab:
         self._lock = session.lock  # the session's: notebook cells and the lab's worker take turns
         self._generation = 0
         self._changed_at = 0.0
+        self._rest_now = False  # refresh_accuracy asks the worker for a rest phase without waiting for the slider
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._closed = False
@@ -231,7 +232,7 @@ class PruneLab:
         self.export_button.on_click(lambda _: self._guard(lambda: self.export(self.export_path.value)))
         self.refresh_button = widgets.Button(description="Evaluate now", icon="refresh",
                                              tooltip="compute everything at the current sparsity now")
-        self.refresh_button.on_click(lambda _: self._guard(self.refresh_accuracy))
+        self.refresh_button.on_click(lambda _: self._guard(lambda: self.refresh_accuracy(wait=False)))
         self.busy = widgets.HTML()
         self.status = widgets.HTML()
         self.error = widgets.HTML()
@@ -468,7 +469,8 @@ class PruneLab:
             self.state.error = ""
             self._guard(self.redraw)
             # the slider rests once debounce_s has passed since its last change (the frame's time counts)
-            rest_in = max(0.0, self._changed_at + self.debounce_s - time.perf_counter())
+            rest_in = 0.0 if self._rest_now else max(0.0, self._changed_at + self.debounce_s - time.perf_counter())
+            self._rest_now = False
             if self._wake.wait(rest_in):  # moved again before resting: draw the newest value
                 continue
             self._guard(lambda: self._rest(gen))
@@ -626,11 +628,19 @@ class PruneLab:
     # ------------------------------------------------------------------------------------------------------------
     # the rest phase
     # ------------------------------------------------------------------------------------------------------------
-    def refresh_accuracy(self):
+    def refresh_accuracy(self, wait: bool = True):
         """Everything that waits for the slider to rest, now: expensive methods at the current point, lookahead
         distortion, accuracy (grid and current point), output distortion, and the accuracy curves of expensive
-        methods over the grid."""
-        self._rest(self._generation)
+        methods over the grid. With the worker thread the worker does it (one thread draws); ``wait``: return once
+        it is done."""
+        if self._worker is None or threading.current_thread() is self._worker:
+            self._rest(self._generation)
+            return
+        self._rest_now = True
+        self._idle.clear()
+        self._wake.set()
+        if wait:
+            self.wait_idle(3600)
 
     def _stale(self, gen) -> bool:
         return gen != self._generation or self._closed
@@ -944,8 +954,9 @@ class PruneLab:
             while (folder / f"export-{i:03d}").exists():
                 i += 1
             folder = folder / f"export-{i:03d}"
-        self.redraw()
-        self.refresh_accuracy()
+        if self._worker is None:
+            self.redraw()
+        self.refresh_accuracy()  # the rest phase for the current state (with a frame first), by the drawing thread
         if "layers" not in self.figures or not self.results:
             raise ValueError("nothing to export: no method is selected or none reaches this sparsity; tick a method "
                              "(or move the slider) first.")

@@ -466,3 +466,20 @@ def test_a_bad_hyperparameter_is_one_message_and_the_panels_keep_drawing(session
     lab.slider.value = 0.6
     assert lab.state.error == "" and "sparsity=0.600" in lab.state.status
     assert set(lab.figures["layers"].plot_data["method"]) == {"magnitude", "synflow"}
+
+
+def test_export_and_evaluate_now_run_on_the_worker_thread(session, tmp_path):
+    import threading
+
+    lab = PruneLab(session, debounce_s=0.05)
+    try:
+        assert lab.wait_idle(120)
+        threads = []
+        rest = lab._rest
+        lab._rest = lambda gen: (threads.append(threading.current_thread().name), rest(gen))[1]
+        lab.refresh_accuracy()  # waits: the worker does it
+        lab.export(tmp_path)
+        assert threads and set(threads) == {"prune-lab"}  # never the caller's thread beside the worker's
+        assert (tmp_path / "layers.png").exists() and lab.summary["accuracy %"].notna().all()
+    finally:
+        lab.close()
