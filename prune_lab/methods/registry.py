@@ -48,7 +48,8 @@ class ScoreContext:
 
     def __post_init__(self):
         if self.start_masks is not None and not self.start_key:
-            h = hashlib.blake2b(digest_size=12)
+            # the same key as prune_lab.engine.weights.masks_key (the engine passes that one in)
+            h = hashlib.blake2b(digest_size=16)
             for n in sorted(self.start_masks):
                 h.update(n.encode())
                 h.update(np.packbits(self.start_masks[n].cpu().numpy().reshape(-1)).tobytes())

@@ -153,3 +153,14 @@ def test_unsupported_data_kinds_are_validated_and_read_back():
         ["none", "tokens", "tokens", "samples"]
     for m in METHODS:  # every record reads back: a reason or "", never an error
         assert isinstance(pl.get_method(m).unavailable_reason(tokens), str)
+
+
+def test_a_context_built_by_hand_keys_its_starting_masks_as_the_engine_does():
+    import torch
+
+    from prune_lab.engine.weights import masks_key
+    from prune_lab.methods.registry import ScoreContext
+
+    masks = {"b.weight": torch.rand(5, 7) > 0.5, "a.weight": torch.rand(3, 4) > 0.3}
+    ctx = ScoreContext(weights={}, prunable=list(masks), graph=None, bn_scales={}, start_masks=masks)
+    assert ctx.start_key == masks_key(masks)
