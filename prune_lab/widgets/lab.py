@@ -135,6 +135,7 @@ class PruneLab:
         self._generation = 0
         self._changed_at = 0.0
         self._rest_now = False  # refresh_accuracy asks the worker for a rest phase without waiting for the slider
+        self._new_width = None  # fit_width's, taken by the next frame
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._closed = False
@@ -536,6 +537,7 @@ class PruneLab:
         """Draw a frame for the current state: per-layer sparsity and single-layer distortion of every ready
         method, lookahead where computed, summary counts, and the accuracy marker — all at one sparsity."""
         t0 = time.perf_counter()
+        self._take_new_width()
         gen = self._generation
         st = self.state
         s = st.sparsity
@@ -933,11 +935,21 @@ class PruneLab:
         return False
 
     def fit_width(self, width: int):
-        """Lay the panels out again at ``width`` pixels (what happens when the notebook is narrower)."""
-        self.width = int(width)
-        self.figures.pop("layers", None)
-        self.live.pop("layers", None)
-        self.redraw()
+        """Lay the panels out again at ``width`` pixels (what happens when the notebook is narrower): with the
+        next frame, drawn by the worker thread when there is one."""
+        self._new_width = int(width)
+        if self._worker is None or threading.current_thread() is self._worker:
+            self.redraw()
+            return
+        self._idle.clear()
+        self._wake.set()
+
+    def _take_new_width(self):
+        width, self._new_width = self._new_width, None
+        if width is not None:
+            self.width = width
+            self.figures.pop("layers", None)
+            self.live.pop("layers", None)
 
     # ------------------------------------------------------------------------------------------------------------
     def export(self, path="figures", *, overwrite: bool = False, current_line: bool = False,

@@ -483,3 +483,14 @@ def test_export_and_evaluate_now_run_on_the_worker_thread(session, tmp_path):
         assert (tmp_path / "layers.png").exists() and lab.summary["accuracy %"].notna().all()
     finally:
         lab.close()
+
+
+def test_a_narrower_notebook_is_laid_out_by_the_worker(session):
+    lab = PruneLab(session, debounce_s=0.05, width=960)
+    try:
+        assert lab.wait_idle(120)
+        lab.pointer("layers", {"type": "mousemove", "dataX": 10, "dataY": 10, "boundingRectWidth": 700})
+        assert lab.wait_idle(120)
+        assert 690 <= lab.figures["layers"].get_size_inches()[0] * 96 <= 700
+    finally:
+        lab.close()
