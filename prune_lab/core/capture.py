@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv_patches", "eval_mode", "input_hooks", "token_rows"]
+from .losses import lm_forward_kwargs
+from .validation import input_error
+
+__all__ = ["calibration_pass", "conv_patches", "eval_mode", "input_hooks", "token_rows"]
 
 
 @contextlib.contextmanager
@@ -63,6 +66,30 @@ def input_hooks(pairs, fn):
     finally:
         for h in handles:
             h.remove()
+
+
+def calibration_pass(model: nn.Module, run, x: torch.Tensor, *, chunk: int, device, mask=None, current=None,
+                     data_errors: bool = True, skip=()):
+    """Feed ``x`` through ``run(xb, kwargs)`` (a forward pass of ``model``) in chunks of ``chunk`` rows on
+    ``device``; the caller's :func:`input_hooks` record what they need. ``mask``: the attention mask of token ids
+    ``x``: each chunk's goes to ``current["mask"]`` (for the hooks) and into the forward pass's keyword arguments.
+    A ``RuntimeError`` on the first chunk is reported as the data's (:func:`~prune_lab.core.validation.input_error`)
+    when ``data_errors``; out of memory is raised as it is. ``skip``: exceptions that end one chunk's pass early (a
+    hook that has seen what it needs)."""
+    for a in range(0, x.shape[0], chunk):
+        xb = x[a:a + chunk].to(device)
+        kw = {}
+        if mask is not None:
+            current["mask"] = mask[a:a + chunk].to(device)
+            kw = lm_forward_kwargs(model, current["mask"])
+        try:
+            run(xb, kw)
+        except skip:
+            pass
+        except RuntimeError as exc:
+            if a or not data_errors or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            raise input_error(exc, x, what="data") from exc
 
 
 def conv_patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:

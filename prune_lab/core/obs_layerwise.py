@@ -13,10 +13,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .capture import conv_patches, eval_mode, input_hooks, token_rows
-from .losses import lm_forward_kwargs
+from .capture import calibration_pass, conv_patches, eval_mode, input_hooks, token_rows
 from .obs_common import DT, split_counts
-from .validation import input_error, match_input_dtype
+from .validation import match_input_dtype
 
 __all__ = ["LayerHessians", "layer_inputs_hessian", "obs_layerwise", "obs_layerwise_saliency", "parse_nm"]
 
@@ -64,19 +63,8 @@ def _capture_hessians(model: nn.Module, weights: dict, owners: dict, x: torch.Te
     params.update({k: v.detach() for k, v in weights.items()})
     x = match_input_dtype(x, list(weights.values()))  # float32 data, half-precision model: cast
     with eval_mode(model), input_hooks(owners.items(), record), torch.no_grad():
-        for a in range(0, x.shape[0], batch_size):
-            dev = next(iter(weights.values())).device
-            xb = x[a:a + batch_size].to(dev)
-            kw = {}
-            if mask is not None:
-                current["mask"] = mask[a:a + batch_size].to(dev)
-                kw = lm_forward_kwargs(model, current["mask"])
-            try:
-                functional_call(model, params, (xb,), kw)
-            except RuntimeError as exc:
-                if a or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                raise input_error(exc, x, what="data") from exc
+        calibration_pass(model, lambda xb, kw: functional_call(model, params, (xb,), kw), x, chunk=batch_size,
+                         device=next(iter(weights.values())).device, mask=mask, current=current)
     out = {}
     for n in owners:
         h = sums.pop(n)

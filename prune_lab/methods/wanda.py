@@ -34,12 +34,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..core.capture import conv_patches, eval_mode, input_hooks, token_rows
+from ..core.capture import calibration_pass, conv_patches, eval_mode, input_hooks, token_rows
 from ..core.graph import stored_weight
 from ..core.neighbours import input_channel_index
-from ..core.validation import input_error, match_input_dtype
+from ..core.validation import match_input_dtype
 from ..data import as_tokens
-from ..core.losses import lm_forward_kwargs
 from ..models.hf import decoder_blocks, vocab_size
 from ._data import data_id, method_batch
 from .registry import MethodSpec, hparam, register_method
@@ -154,20 +153,10 @@ def input_feature_norms(model: nn.Module, data, names=None, *, n: int = 128, wei
 
     pairs = [(name, m) for name in names for m in owners[name]]
     with eval_mode(model), input_hooks(pairs, record), _stopping_after(stop_after), torch.no_grad():
-        for a in range(0, x.shape[0], chunk):
-            xb = x[a:a + chunk].to(dev)
-            kw = {}
-            if tokens is not None:
-                current["mask"] = aux[a:a + chunk].to(dev)
-                kw = lm_forward_kwargs(model, current["mask"])
-            try:
-                functional_call(model, overrides, (xb,), kw) if overrides else model(xb, **kw)
-            except _StopPass:
-                pass
-            except RuntimeError as exc:
-                if a or tokens is not None or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                raise input_error(exc, x, what="data") from exc
+        calibration_pass(model, lambda xb, kw: functional_call(model, overrides, (xb,), kw) if overrides
+                         else model(xb, **kw), x, chunk=chunk, device=dev,
+                         mask=aux if tokens is not None else None, current=current,
+                         data_errors=tokens is None, skip=_StopPass)
     silent = [name for name in names if sums[name] is None]
     if silent:
         raise ValueError(f"Wanda: layer(s) {', '.join(map(repr, silent[:3]))} never ran on the calibration data, so "
