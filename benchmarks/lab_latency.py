@@ -93,6 +93,7 @@ def run_case(name: str, n_moves: int) -> dict:
     frame, full, look = [], [], []
     for v in moves(n_moves):
         n0 = len(lab.frames)
+        lab.timings.pop("lookahead_s", None)
         t = time.perf_counter()
         lab.slider.value = v
         assert lab.wait_drawn(120)

@@ -14,12 +14,13 @@ How a slider move becomes pixels, on a model of any size:
   counts, and a blitted redraw of the layer panel (a few ``PolyCollection``\\ s) and of the accuracy panel's
   current-sparsity marker. Every panel, the readout, the status and the marker are set from the same state in the
   same frame.
+- Right after the frame, the lookahead distortion (:mod:`prune_lab.core.lookahead`) of the methods whose result
+  is there, drawn when complete; a newer move stops it between layers (and inside a large dense product).
 - When the slider has rested ``debounce_s`` seconds since its last change, the *rest* phase: methods that are
   expensive per sparsity (sequential LAP, SynFlow, WoodFisher, CBS, layerwise OBS) are computed at the current
-  point, the lookahead distortion (:mod:`prune_lab.core.lookahead`), then accuracy (perplexity for a causal LM),
-  loss, output distortion and BatchNorm-recalibrated accuracy; finally the curves of expensive methods fill in over
-  the grid with a progress bar. A newer slider move stops the rest phase between steps (and inside a large dense
-  lookahead product); what it finished stays cached.
+  point with their lookahead, then accuracy (perplexity for a causal LM), loss, output distortion and
+  BatchNorm-recalibrated accuracy; finally the curves of expensive methods fill in over the grid with a progress
+  bar. A newer slider move stops the rest phase between steps; what it finished stays cached.
 
 Every lookup goes through one key (:meth:`PruneLab.query`): the session's :class:`~prune_lab.Query` — method,
 sparsity rounded to the slider's precision, allocation, hyperparameters and layer overrides. Hovering a bar or a
@@ -84,7 +85,8 @@ class PruneLab:
     ``methods``: the methods offered (default: every registered method); those of magnitude, LAMP, LAP that run
     are selected (magnitude, Wanda, LAMP for a causal LM on token data, whose panel shows perplexity instead of
     accuracy); ``selected`` chooses others. ``debounce_s``: seconds the slider must rest, counted from its last
-    change, before the rest phase (lookahead, accuracy, expensive methods); 0 runs everything in line.
+    change, before the rest phase (accuracy, expensive methods; the lookahead starts at once); 0 runs everything
+    in line.
     ``width``: the panels' width in pixels (they follow the notebook's width when it is narrower, at the first
     hover). ``input_shape``: one input sample's shape, for
     data-free methods that need one (SynFlow) when the session has no data.
@@ -262,7 +264,7 @@ class PruneLab:
             widgets.HBox([self.slider, self.remaining_slider, self.remaining, self.log_toggle]),
             methods_grid,
             widgets.HBox([self.allocation, self.evaluate_box, self.refresh_button, self.export_path,
-                          self.export_button, self.busy]),
+                          self.export_button]),
             widgets.HBox([widgets.HTML("<b>per-layer overrides</b>"), self.override_layer, self.override_mode,
                           self.override_value, self.override_button]),
             self.override_list,
@@ -281,7 +283,8 @@ class PruneLab:
         ] + ([self.sensitivity_note, widgets.Box([self.images["sensitivity"]], layout=widgets.Layout(
             max_height=f"{self.panel_height}px", overflow="hidden auto", width="100%"))]
              if self.measure_sensitivity else []) + list(self.panel_state.values()))
-        self.widget = widgets.VBox([controls, self.error, self.status, panels])
+        # the busy sign sits on the status line: showing it moves nothing else
+        self.widget = widgets.VBox([controls, self.error, widgets.HBox([self.status, self.busy]), panels])
         self.widget.add_class("prune-lab")
         self._connect_pointer()
 
@@ -469,11 +472,14 @@ class PruneLab:
             gen = self._generation
             self.state.error = ""
             self._guard(self.redraw)
+            if not self._rest_now and self.show_lookahead and not self._wake.is_set():
+                # the lookahead needs no rest: it starts at once and the next change stops it between slices
+                self._guard(lambda: self._lookahead_phase(gen, eager=True))
             # the slider rests once debounce_s has passed since its last change (the frame's time counts)
             rest_in = 0.0 if self._rest_now else max(0.0, self._changed_at + self.debounce_s - time.perf_counter())
-            self._rest_now = False
             if self._wake.wait(rest_in):  # moved again before resting: draw the newest value
                 continue
+            self._rest_now = False  # only once the rest starts: an "evaluate now" during the lookahead still rests
             self._guard(lambda: self._rest(gen))
             if gen == self._generation and not self._wake.is_set():
                 self._idle.set()
@@ -501,6 +507,8 @@ class PruneLab:
         self._closed = True
         self._stop.set()  # a running rest phase stops at its next step
         self._wake.set()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=10)  # gone before the interpreter may exit
         self.widget.close()
 
     def _guard(self, fn):
@@ -513,7 +521,8 @@ class PruneLab:
 
     def _show_status(self, _=None):
         st = self.state
-        self.busy.value = "<span class='prune-lab-busy' style='color:#b36b00'>⏳ working…</span>" if st.busy else ""
+        self.busy.value = ("<span class='prune-lab-busy' style='color:#b36b00;margin-left:1em'>⏳ working…</span>"
+                           if st.busy else "")
         self.error.value = (f"<div class='prune-lab-error' style='color:#b00020;font-weight:bold'>⚠ "
                             f"{hover.escape(st.error)}</div>") if st.error else ""
         self.status.value = f"<span class='prune-lab-status' style='color:#555'>{hover.escape(st.status)}</span>"
@@ -560,7 +569,7 @@ class PruneLab:
         if results:
             table = self._layer_table(results, shown)
             look = ("lookahead: at this sparsity" if table["relative_lookahead"].notna().all() else
-                    "lookahead: computed when the slider rests")
+                    "lookahead: being computed")
             title = f"sparsity {shown:.3f}{note} · {look}" if self.show_lookahead else f"sparsity {shown:.3f}{note}"
             self._draw_layers(table, title)
             self.panel_state["layers"].value = f"layers: sparsity={shown:.3f}{note}"
@@ -647,44 +656,64 @@ class PruneLab:
     def _stale(self, gen) -> bool:
         return gen != self._generation or self._closed
 
+    def _lookahead_phase(self, gen, eager: bool = False) -> bool:
+        """The lookahead distortion of every shown method at the current point, for the results not yet measured
+        (``eager``: right after a frame, before the slider rests, for the methods whose result is already there;
+        then drawn at once). Returns whether it measured anything; stops when the state changes."""
+        s = self.state.sparsity
+        self._stop = stop = threading.Event()  # set by the next state change: long steps stop between layers
+        t0, done = time.perf_counter(), False
+        for m in self.state.methods:
+            if self._stale(gen):
+                return done
+            if eager and m in self.pending:
+                continue  # an expensive method waits for the rest
+            try:
+                r = self._result(m, s)
+            except ValueError:
+                continue
+            q = (self.session.fingerprint, r.query)
+            if q in self._lookahead:
+                continue
+            if not done:
+                self.state.busy = True
+            with self._lock:
+                dist = self.session.distortion(r, output=False, stop=stop)
+            if dist.attrs.get("interrupted"):
+                return done  # the slider moved on: a layer at most was computed for nothing
+            dist = dist[dist["layer"] != "(model)"]
+            self._lookahead[q] = dict(zip(dist["layer"], dist["relative_lookahead"]))
+            done = True
+        if done and not self._stale(gen):
+            self.timings["lookahead_s"] = time.perf_counter() - t0
+            if eager:
+                self._guard(self.redraw)
+        return done
+
     def _rest(self, gen):
         st = self.state
         s = st.sparsity
-        self._stop = stop = threading.Event()  # set by the next state change: long steps stop between layers
+        self._stop = threading.Event()  # set by the next state change: long steps stop between layers
         if self._stale(gen):
             return
         self.state.busy = True
         try:
+            computed = False
             for m in list(self.pending):
                 if self._stale(gen):
                     return
+                computed = True
                 try:
                     self._result(m, s)
                 except ValueError:
                     q = self.query(m, s)
                     self._computed.add(self._computed_key(q))
-            t0 = time.perf_counter()
             if self.show_lookahead:
-                for m in st.methods:
-                    if self._stale(gen):
-                        return
-                    try:
-                        r = self._result(m, s)
-                    except ValueError:
-                        continue
-                    q = (self.session.fingerprint, r.query)
-                    if q in self._lookahead:
-                        continue
-                    with self._lock:
-                        dist = self.session.distortion(r, output=False, stop=stop)
-                    if dist.attrs.get("interrupted"):
-                        return  # the slider moved on: a layer at most was computed for nothing
-                    dist = dist[dist["layer"] != "(model)"]
-                    self._lookahead[q] = dict(zip(dist["layer"], dist["relative_lookahead"]))
+                computed = self._lookahead_phase(gen) or computed
             if self._stale(gen):
                 return
-            self.timings["lookahead_s"] = time.perf_counter() - t0
-            self._guard(self.redraw)
+            if computed:
+                self._guard(self.redraw)
             if self.has_data and st.evaluate:
                 self._evaluate_points(gen, [s] + list(self.grid), cheap_only=True)
                 if self._stale(gen):

@@ -150,3 +150,61 @@ def test_a_dense_product_stops_between_slices_and_leaves_no_reference():
     stop.clear()
     want = lookahead_distortion(graph, weights, n, weights[n] * mask)
     assert cache.distortion(n, mask, stop=stop) == pytest.approx(want, rel=1e-5)  # sliced: the same value
+
+
+@pytest.mark.parametrize("left_diag, right_diag", [(False, False), (True, False), (False, True)])
+def test_the_sparse_form_equals_its_formula_on_either_side(left_diag, right_diag):
+    """``Σ_t tr(L X_t R X_tᵀ)`` of a sparse ``X`` (what :meth:`LayerLookahead.quadratic_sparse` computes on ``Δ``
+    or, for a layer with more inputs than outputs, on ``Δᵀ``), against dense products."""
+    from prune_lab.core.lookahead import _sparse_form
+
+    gen = torch.Generator().manual_seed(0)
+    taps, n_r, n_c = 3, 7, 11
+
+    def sym(n, diag):
+        if diag:
+            return torch.rand(n, generator=gen) + 0.1
+        m = torch.randn(n, n, generator=gen)
+        return m @ m.T
+
+    left, right = sym(n_r, left_diag), sym(n_c, right_diag)
+    x = torch.randn(taps, n_r, n_c, generator=gen) * (torch.rand(taps, n_r, n_c, generator=gen) < 0.3)
+    t, r, c = x.nonzero(as_tuple=True)
+    lm = torch.diag(left) if left_diag else left
+    rm = torch.diag(right) if right_diag else right
+    want = sum(float(torch.trace(lm @ x[k] @ rm @ x[k].T)) for k in range(taps))
+    assert _sparse_form(t, r, c, x[t, r, c], taps, n_r, n_c, left, right) == pytest.approx(want, rel=1e-5)
+    # the same form on the transposes, with the factors swapped: what a wide layer computes
+    assert _sparse_form(t, c, r, x[t, r, c], taps, n_c, n_r, right, left) == pytest.approx(want, rel=1e-5)
+
+
+def test_an_ordered_step_starts_from_the_nearest_reference_or_end(monkeypatch):
+    from prune_lab.core.lookahead import LayerLookahead
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48, bias=False), nn.ReLU(), nn.Linear(48, 96, bias=False), nn.ReLU(),
+                          nn.Linear(96, 8, bias=False))
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    changed = []  # the size of each sparse step's change
+    step = LayerLookahead._step
+    monkeypatch.setattr(LayerLookahead, "_step", lambda self, idx, *a: changed.append(len(idx)) or step(self, idx, *a))
+    for n in ("2.weight", "0.weight"):  # 96 × 48, and a layer with more inputs than outputs (48 × 64)
+        cache = LookaheadCache(graph, weights)
+        w = weights[n]
+        numel = w.numel()
+        order = w.abs().reshape(-1).argsort().to(torch.int32)
+        layer = cache.layer(n)
+        ref = numel - int(1.5 * SPARSE_FRACTION * numel)  # a dense reference just out of the end's reach
+        # (removed, path, entries changed from the nearest of: nothing, everything, the references so far)
+        near_end = numel - int(0.9 * SPARSE_FRACTION * numel)  # within reach of both: the reference is nearer
+        steps = [(ref, "dense", None), (ref + 4, "sparse", 4), (near_end, "sparse", near_end - ref),
+                 (numel - 5, "sparse", 5), (numel // 2, "dense", None), (numel // 2 - 7, "sparse", 7)]
+        for k, path, size in steps:
+            before, changed[:] = dict(layer.paths), []
+            mask = torch.ones(numel, dtype=torch.bool)
+            mask[order[:k].long()] = False
+            want = lookahead_distortion(graph, weights, n, w * mask.reshape(w.shape))
+            assert cache.distortion(n, None, n_removed=k, order=order) == pytest.approx(want, rel=1e-5)
+            assert layer.paths[path] == before[path] + 1, (n, k, path)
+            assert changed == ([size] if size else []), (n, k)

@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -78,23 +79,48 @@ def test_float_noise_in_the_slider_value_finds_the_cached_point(session, tmp_pat
     assert summary["accuracy %"].notna().all() and summary["accuracy %"].dtype.kind == "f"
 
 
-def test_accuracy_waits_for_the_slider_to_rest(session):
+def count_evaluations(session, monkeypatch) -> list:
+    """A list that grows by one at every ``session.evaluate`` call (restored after the test)."""
+    calls, original = [], session.evaluate
+    monkeypatch.setattr(session, "evaluate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_accuracy_waits_for_the_slider_to_rest(session, monkeypatch):
     lab = PruneLab(session, debounce_s=60)  # a long rest: moving evaluates nothing new
     try:
         assert lab.wait_drawn(30)
-        calls = []
-        original = session.evaluate
-        session.evaluate = lambda *a, **k: calls.append(1) or original(*a, **k)
-        try:
-            for v in (0.61, 0.62, 0.63):
-                lab.slider.value = v
-                assert lab.wait_drawn(30)
-            assert calls == [] and "sparsity=0.630" in lab.state.status
-            lab.refresh_accuracy()  # the slider rests
-            assert len(calls) > 0
-            assert 0.63 in set(lab.figures["accuracy"].plot_data.sparsity)
-        finally:
-            del session.evaluate
+        calls = count_evaluations(session, monkeypatch)
+        for v in (0.61, 0.62, 0.63):
+            lab.slider.value = v
+            assert lab.wait_drawn(30)
+        assert calls == [] and "sparsity=0.630" in lab.state.status
+        lab.refresh_accuracy()  # the slider rests
+        assert len(calls) > 0
+        assert 0.63 in set(lab.figures["accuracy"].plot_data.sparsity)
+    finally:
+        lab.close()
+
+
+def test_the_lookahead_is_drawn_before_the_slider_rests(session, monkeypatch):
+    """The lookahead needs no rest: it starts right after the frame (a newer move stops it), while accuracy and
+    expensive methods still wait for the slider to rest."""
+    lab = PruneLab(session, debounce_s=60, selected=("magnitude", "lamp", "lap_forward"))
+    try:
+        assert lab.wait_drawn(30)
+        calls = count_evaluations(session, monkeypatch)
+        lab.slider.value = 0.64
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline and not lab.figures["layers"].plot_data.query(
+                "method != 'lap_forward'")["relative_lookahead"].notna().all():
+            time.sleep(0.01)
+        table = lab.figures["layers"].plot_data
+        assert set(table.method) == {"magnitude", "lamp"}  # lap_forward waits for the rest
+        assert table["relative_lookahead"].notna().all() and (table["relative_lookahead"] > 0).all()
+        heading = lab.figures["layers"].layer_geometry["heading"].get_text()
+        assert heading == "sparsity 0.640 · lookahead: at this sparsity"
+        assert calls == [] and lab.pending == ["lap_forward"]  # accuracy and lap_forward still wait
+        assert not any(f[3] == "rest" and f[2] == pytest.approx(0.64) for f in lab.frames)
     finally:
         lab.close()
 
