@@ -245,9 +245,10 @@ class PruneSession:
         """What a method's score function sees for the current weights
         (:class:`~prune_lab.methods.registry.ScoreContext`; its ``cache`` is the session's scratch for these
         weights): to call a method's pieces by hand."""
-        start = self.snapshot.check_masks(masks)
-        return score_context(self.snapshot, self.cache, self.snapshot.current(), seed=seed, start=start,
-                             data=self.data)
+        with self.lock:
+            start = self.snapshot.check_masks(masks)
+            return score_context(self.snapshot, self.cache, self.snapshot.current(), seed=seed, start=start,
+                                 data=self.data)
 
     # ------------------------------------------------------------------------------------------------------------
     # caches

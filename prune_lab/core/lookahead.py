@@ -379,13 +379,18 @@ class LookaheadCache:
             max_references = int(min(4, reference_bytes // max(5 * total, 1)))
         self.max_references = max_references
         self.layers: dict = {}
+        self._factors: dict = {}  # a layer's (A, B, L, M) while its first visit is not complete
 
     def layer(self, name: str, stop=None) -> LayerLookahead:
         hit = self.layers.get(name)
         if hit is None:
-            a, b, left, right = layer_factors(self.graph, self.weights, name, self.scales)
+            # the factors are kept apart until the layer is complete: a first visit stopped in Y_W keeps them
+            if name not in self._factors:
+                self._factors[name] = layer_factors(self.graph, self.weights, name, self.scales)
+            a, b, left, right = self._factors[name]
             hit = self.layers[name] = LayerLookahead(a, b, self.weights[name], self.graph.layers[name].groups,
                                                      self.max_references, left, right, stop)
+            del self._factors[name]
         return hit
 
     def full(self, name: str) -> float:

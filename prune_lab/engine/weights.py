@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.device import host_cat, masks_key  # re-exported: the engine's keys
 from ..core.graph import build_graph
 from ..core.neighbours import bn_scales
 
@@ -41,45 +42,6 @@ class Weights:
     fingerprint: str
     weights: dict
     scales: dict
-
-
-def host_cat(parts: list) -> np.ndarray:
-    """1-d tensors concatenated on the host: one transfer per device (not one per tensor)."""
-    if not parts:
-        return np.zeros(0)
-    by_device: dict = {}
-    for i, t in enumerate(parts):
-        by_device.setdefault(t.device, []).append(i)
-    if len(by_device) == 1:
-        return torch.cat(parts).cpu().numpy()
-    host = [None] * len(parts)
-    for idx in by_device.values():
-        joined = torch.cat([parts[i] for i in idx]).cpu()
-        a = 0
-        for i in idx:
-            host[i] = joined[a:a + parts[i].numel()]
-            a += parts[i].numel()
-    return torch.cat(host).numpy()
-
-
-def masks_key(masks: dict | None) -> str:
-    """The content key of bool masks ``{name: BoolTensor}`` (``""`` for ``None``): names and bits, one transfer.
-
-    >>> masks_key(None), len(masks_key({"w": torch.ones(2, 2, dtype=torch.bool)}))
-    ('', 32)
-    """
-    if masks is None:
-        return ""
-    h = hashlib.blake2b(digest_size=16)
-    names = sorted(masks)
-    flat = host_cat([masks[n].reshape(-1) for n in names])  # one transfer for all layers
-    a = 0
-    for n in names:
-        size = masks[n].numel()
-        h.update(n.encode())
-        h.update(np.packbits(flat[a:a + size]).tobytes())
-        a += size
-    return h.hexdigest()
 
 
 def pruned_counts(masks: dict, names) -> np.ndarray:

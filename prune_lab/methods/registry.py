@@ -3,15 +3,14 @@ contract tests. No ``if method == ...`` chains anywhere else."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 
+from ..core.device import masks_key
 from ..core.graph import LayerGraph
 from ..core.validation import check_choice, check_int
 from ..data import as_tokens
@@ -48,12 +47,7 @@ class ScoreContext:
 
     def __post_init__(self):
         if self.start_masks is not None and not self.start_key:
-            # the same key as prune_lab.engine.weights.masks_key (the engine passes that one in)
-            h = hashlib.blake2b(digest_size=16)
-            for n in sorted(self.start_masks):
-                h.update(n.encode())
-                h.update(np.packbits(self.start_masks[n].cpu().numpy().reshape(-1)).tobytes())
-            self.start_key = h.hexdigest()
+            self.start_key = masks_key(self.start_masks)  # the engine's key (it passes that one in)
 
 
 def hparam(default, *, low=None, high=None, choices=None, log=False, help=""):

@@ -138,6 +138,8 @@ class PruneLab:
         self._changed_at = 0.0
         self._rest_now = False  # refresh_accuracy asks the worker for a rest phase without waiting for the slider
         self._new_width = None  # fit_width's, taken by the next frame
+        self._drawn = self._rested = None  # the generations last drawn by a frame and last rested
+        self._requests = self._served = 0  # requests made of the worker, and the last it finished (wait_idle)
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._closed = False
@@ -155,7 +157,7 @@ class PruneLab:
         else:
             self._worker = threading.Thread(target=self._loop, name="prune-lab", daemon=True)
             self._worker.start()
-            self._wake.set()
+            self._request()
 
     # ------------------------------------------------------------------------------------------------------------
     # building the view
@@ -461,6 +463,12 @@ class PruneLab:
                 self._guard(self.refresh_accuracy)
             self._idle.set()
             return
+        self._request()
+
+    def _request(self):
+        """Ask the worker for a pass: a frame if the state or the width changed, the lookahead, the rest phase."""
+        self._requests += 1
+        self._idle.clear()
         self._wake.set()
 
     def _loop(self):
@@ -469,28 +477,37 @@ class PruneLab:
             if self._closed:
                 return
             self._wake.clear()
-            gen = self._generation
-            self.state.error = ""
-            self._guard(self.redraw)
-            if not self._rest_now and self.show_lookahead and not self._wake.is_set():
-                # the lookahead needs no rest: it starts at once and the next change stops it between slices
-                self._guard(lambda: self._lookahead_phase(gen, eager=True))
-            # the slider rests once debounce_s has passed since its last change (the frame's time counts)
-            rest_in = 0.0 if self._rest_now else max(0.0, self._changed_at + self.debounce_s - time.perf_counter())
-            if self._wake.wait(rest_in):  # moved again before resting: draw the newest value
-                continue
-            self._rest_now = False  # only once the rest starts: an "evaluate now" during the lookahead still rests
-            self._guard(lambda: self._rest(gen))
-            if gen == self._generation and not self._wake.is_set():
+            gen, req = self._generation, self._requests
+            if gen != self._drawn or self._new_width is not None:
+                self.state.error = ""
+                self._guard(self.redraw)
+            if gen != self._rested or self._rest_now:  # (a new width alone needs no rest)
+                if not self._rest_now and self.show_lookahead and not self._wake.is_set():
+                    # the lookahead needs no rest: it starts at once and the next change stops it between slices
+                    self._guard(lambda: self._lookahead_phase(gen, eager=True))
+                # the slider rests once debounce_s has passed since its last change (the frame's time counts)
+                rest_in = 0.0 if self._rest_now else \
+                    max(0.0, self._changed_at + self.debounce_s - time.perf_counter())
+                if self._wake.wait(rest_in):  # moved again before resting: draw the newest value
+                    continue
+                self._rest_now = False  # only once the rest starts: an "evaluate now" during the lookahead rests
+                self._guard(lambda: self._rest(gen))
+            self._served = req
+            if req == self._requests:
                 self._idle.set()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until the dashboard has drawn everything for the current state (tests, benchmarks, scripts)."""
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            if self._idle.wait(max(0.0, deadline - time.perf_counter())) and not self._wake.is_set():
-                return True
-        return False
+        """Block until the dashboard has drawn everything for the current state (tests, benchmarks, scripts): until
+        the worker has finished every request made before this call."""
+        if self._worker is None:
+            return self._idle.wait(timeout)
+        target, deadline = self._requests, time.perf_counter() + timeout
+        while self._served < target:
+            left = deadline - time.perf_counter()
+            if left <= 0 or self._closed:
+                return False
+            self._idle.wait(min(left, 0.05))
+        return True
 
     def wait_drawn(self, timeout: float = 60.0) -> bool:
         """Block until a frame for the current state is on screen (the fast panels; the rest may still run)."""
@@ -568,10 +585,7 @@ class PruneLab:
         note = f" (last reachable state, sparsity {shown:.3f})" if fallback else ""
         if results:
             table = self._layer_table(results, shown)
-            look = ("lookahead: at this sparsity" if table["relative_lookahead"].notna().all() else
-                    "lookahead: being computed")
-            title = f"sparsity {shown:.3f}{note} · {look}" if self.show_lookahead else f"sparsity {shown:.3f}{note}"
-            self._draw_layers(table, title)
+            self._draw_layers(table, self._layers_title(table, shown, note))
             self.panel_state["layers"].value = f"layers: sparsity={shown:.3f}{note}"
         self._draw_marker(shown)
         self._update_summary(evaluate=False)
@@ -584,9 +598,16 @@ class PruneLab:
                              + (f" · showing the last reachable state ({shown:.3f})" if note else "")
                              + (f" · ⚠ {'; '.join(emptied)}" if emptied else ""))
         self.frames.append((time.perf_counter(), gen, s, "frame"))
+        self._drawn = gen
         self.timings["redraw_s"] = time.perf_counter() - t0
         if errors:
             raise ValueError(" · ".join(f"{', '.join(ms)}: {msg}" for msg, ms in errors.items()))
+
+    def _layers_title(self, table: pd.DataFrame, shown: float, note: str = "") -> str:
+        if not self.show_lookahead:
+            return f"sparsity {shown:.3f}{note}"
+        look = "at this sparsity" if table["relative_lookahead"].notna().all() else "being computed"
+        return f"sparsity {shown:.3f}{note} · lookahead: {look}"
 
     def _draw_layers(self, table: pd.DataFrame, title: str):
         fig = self.figures.get("layers")
@@ -648,8 +669,7 @@ class PruneLab:
             self._rest(self._generation)
             return
         self._rest_now = True
-        self._idle.clear()
-        self._wake.set()
+        self._request()
         if wait:
             self.wait_idle(3600)
 
@@ -658,36 +678,43 @@ class PruneLab:
 
     def _lookahead_phase(self, gen, eager: bool = False) -> bool:
         """The lookahead distortion of every shown method at the current point, for the results not yet measured
-        (``eager``: right after a frame, before the slider rests, for the methods whose result is already there;
-        then drawn at once). Returns whether it measured anything; stops when the state changes."""
+        (``eager``: right after a frame, before the slider rests, for the results that frame drew; then the layer
+        panel is drawn again). Returns whether it measured anything; stops when the state changes."""
         s = self.state.sparsity
         self._stop = stop = threading.Event()  # set by the next state change: long steps stop between layers
         t0, done = time.perf_counter(), False
-        for m in self.state.methods:
-            if self._stale(gen):
-                return done
-            if eager and m in self.pending:
-                continue  # an expensive method waits for the rest
-            try:
-                r = self._result(m, s)
-            except ValueError:
-                continue
-            q = (self.session.fingerprint, r.query)
-            if q in self._lookahead:
-                continue
-            if not done:
+        drawn = dict(self.results)  # the frame's (expensive methods still pending are not among them)
+        try:
+            for m in self.state.methods:
+                if self._stale(gen):
+                    return done
+                if eager:
+                    r = drawn.get(m)
+                    if r is None:
+                        continue  # an expensive method waits for the rest
+                else:
+                    try:
+                        r = self._result(m, s)
+                    except ValueError:
+                        continue
+                q = (self.session.fingerprint, r.query)
+                if q in self._lookahead:
+                    continue
                 self.state.busy = True
-            with self._lock:
                 dist = self.session.distortion(r, output=False, stop=stop)
-            if dist.attrs.get("interrupted"):
-                return done  # the slider moved on: a layer at most was computed for nothing
-            dist = dist[dist["layer"] != "(model)"]
-            self._lookahead[q] = dict(zip(dist["layer"], dist["relative_lookahead"]))
-            done = True
+                if dist.attrs.get("interrupted"):
+                    return done  # the slider moved on: a layer at most was computed for nothing
+                dist = dist[dist["layer"] != "(model)"]
+                self._lookahead[q] = dict(zip(dist["layer"], dist["relative_lookahead"]))
+                done = True
+        finally:
+            if eager:
+                self.state.busy = False  # the rest phase shows its own
         if done and not self._stale(gen):
             self.timings["lookahead_s"] = time.perf_counter() - t0
-            if eager:
-                self._guard(self.redraw)
+            if eager:  # only the layer panel changed
+                table = self._layer_table(drawn, s)
+                self._draw_layers(table, self._layers_title(table, s))
         return done
 
     def _rest(self, gen):
@@ -728,6 +755,7 @@ class PruneLab:
         finally:
             if not self._stale(gen):
                 self.frames.append((time.perf_counter(), gen, s, "rest"))
+                self._rested = gen
             self.state.busy = False
 
     def _evaluate_points(self, gen, points, cheap_only: bool):
@@ -970,8 +998,7 @@ class PruneLab:
         if self._worker is None or threading.current_thread() is self._worker:
             self.redraw()
             return
-        self._idle.clear()
-        self._wake.set()
+        self._request()
 
     def _take_new_width(self):
         width, self._new_width = self._new_width, None

@@ -208,3 +208,30 @@ def test_an_ordered_step_starts_from_the_nearest_reference_or_end(monkeypatch):
             assert cache.distortion(n, None, n_removed=k, order=order) == pytest.approx(want, rel=1e-5)
             assert layer.paths[path] == before[path] + 1, (n, k, path)
             assert changed == ([size] if size else []), (n, k)
+
+
+def test_a_first_visit_stopped_keeps_the_layers_factors(monkeypatch):
+    import threading
+
+    from prune_lab.core import lookahead
+    from prune_lab.core.lookahead import Interrupted
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.ReLU(), nn.Linear(512, 256, bias=False), nn.ReLU(),
+                          nn.Linear(256, 10, bias=False))
+    graph = build_graph(model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    calls = []
+    factors = lookahead.layer_factors
+    monkeypatch.setattr(lookahead, "layer_factors", lambda *a, **k: calls.append(a[2]) or factors(*a, **k))
+    cache = LookaheadCache(graph, weights)
+    n, mask = "2.weight", torch.rand(weights["2.weight"].shape) > 0.5
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):  # stopped while making Y_W, the layer's first dense product
+        cache.distortion(n, mask, stop=stop)
+    assert n not in cache.layers
+    stop.clear()
+    want = lookahead_distortion(graph, weights, n, weights[n] * mask)
+    assert cache.distortion(n, mask, stop=stop) == pytest.approx(want, rel=1e-5)
+    assert calls == [n]  # the Gram factors were made once

@@ -125,6 +125,28 @@ def test_the_lookahead_is_drawn_before_the_slider_rests(session, monkeypatch):
         lab.close()
 
 
+def test_no_busy_sign_while_the_rest_waits_and_a_new_width_is_only_a_frame(session):
+    lab = PruneLab(session, debounce_s=60, width=960, selected=("magnitude", "lamp"))
+    try:
+        assert lab.wait_drawn(30)
+        lab.slider.value = 0.66
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline and "lookahead: at this sparsity" not in \
+                lab.figures["layers"].layer_geometry["heading"].get_text():
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert not lab.state.busy  # the lookahead is done; nothing runs while the slider has not rested
+        lab.refresh_accuracy()
+        before = list(lab.frames)
+        lab.pointer("layers", {"type": "mousemove", "dataX": 10, "dataY": 10, "boundingRectWidth": 700})
+        assert lab.wait_idle(60)
+        new = [f[3] for f in lab.frames[len(before):]]
+        assert new == ["frame"]  # laid out again at the new width; the rest phase is not run again
+        assert 690 <= lab.figures["layers"].get_size_inches()[0] * 96 <= 700
+    finally:
+        lab.close()
+
+
 def test_a_drag_draws_the_newest_value_and_replays_nothing():
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))
