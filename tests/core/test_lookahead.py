@@ -24,6 +24,14 @@ class _Residual(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 4), 1))
 
 
+def _chain(*sizes):
+    """A bias-free Linear/ReLU chain of the given widths, its graph and its weights (seed 0)."""
+    torch.manual_seed(0)
+    layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b, bias=False), nn.ReLU())][:-1]
+    model = nn.Sequential(*layers)
+    return build_graph(model), {n: p.detach() for n, p in model.named_parameters()}
+
+
 def _models():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 4))
@@ -61,11 +69,7 @@ def test_every_path_equals_the_direct_product(name):
 
 
 def test_a_small_move_reuses_the_last_dense_point():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False), nn.ReLU(),
-                          nn.Linear(64, 8, bias=False))
-    graph = build_graph(model)
-    weights = {n: p.detach() for n, p in model.named_parameters()}
+    graph, weights = _chain(64, 64, 64, 8)
     cache = LookaheadCache(graph, weights)
     n = "2.weight"
     order = weights[n].abs().reshape(-1).argsort()
@@ -134,11 +138,7 @@ def test_a_dense_product_stops_between_slices_and_leaves_no_reference():
 
     from prune_lab.core.lookahead import Interrupted
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.ReLU(), nn.Linear(512, 256, bias=False), nn.ReLU(),
-                          nn.Linear(256, 10, bias=False))
-    graph = build_graph(model)
-    weights = {n: p.detach() for n, p in model.named_parameters()}
+    graph, weights = _chain(256, 512, 256, 10)
     cache = LookaheadCache(graph, weights)
     n = "2.weight"
     mask = torch.rand(weights[n].shape) > 0.5
@@ -181,11 +181,7 @@ def test_the_sparse_form_equals_its_formula_on_either_side(left_diag, right_diag
 def test_an_ordered_step_starts_from_the_nearest_reference_or_end(monkeypatch):
     from prune_lab.core.lookahead import LayerLookahead
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 48, bias=False), nn.ReLU(), nn.Linear(48, 96, bias=False), nn.ReLU(),
-                          nn.Linear(96, 8, bias=False))
-    graph = build_graph(model)
-    weights = {n: p.detach() for n, p in model.named_parameters()}
+    graph, weights = _chain(64, 48, 96, 8)
     changed = []  # the size of each sparse step's change
     step = LayerLookahead._step
     monkeypatch.setattr(LayerLookahead, "_step", lambda self, idx, *a: changed.append(len(idx)) or step(self, idx, *a))
@@ -216,11 +212,7 @@ def test_a_first_visit_stopped_keeps_the_layers_factors(monkeypatch):
     from prune_lab.core import lookahead
     from prune_lab.core.lookahead import Interrupted
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.ReLU(), nn.Linear(512, 256, bias=False), nn.ReLU(),
-                          nn.Linear(256, 10, bias=False))
-    graph = build_graph(model)
-    weights = {n: p.detach() for n, p in model.named_parameters()}
+    graph, weights = _chain(256, 512, 256, 10)
     calls = []
     factors = lookahead.layer_factors
     monkeypatch.setattr(lookahead, "layer_factors", lambda *a, **k: calls.append(a[2]) or factors(*a, **k))
