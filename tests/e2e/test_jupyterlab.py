@@ -3,7 +3,9 @@ on ResNet-18, headless Chromium (Playwright) drags the sparsity slider with the 
 MutationObserver installed in the page records when the layer panel and the status text change.
 
 Checks: the layer panel stays live during the drag (several changes, bounded gaps), no stale replay after the mouse
-is released, and the slider readout, the status text and every panel-state label agree on the final sparsity.
+is released, and the slider readout, the status text and every panel-state label agree on the final sparsity;
+hovering and clicking a layer describe and select it; the Export button writes the layer panel (PNG) and its data
+into the folder the status line names.
 
 Screenshots and the measured timings (``timings.json``) go to ``tmp_path/screenshots`` and are copied to
 ``$PRUNE_LAB_E2E_DIR`` (default ``/tmp/prune_lab_e2e``); ``$PRUNE_LAB_E2E_MODEL`` names another torchvision model
@@ -328,6 +330,17 @@ def test_dashboard_drag_in_jupyterlab(pw, jupyterlab, tmp_path):
             outputs = page.locator(".jp-Notebook .jp-OutputArea").all_inner_texts()
             stderr = page.locator(".jp-Notebook [data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
             error_outputs = page.locator(".jp-Notebook [data-mime-type='application/vnd.jupyter.error']").count()
+
+            # export from the button, as a user would: the status line names the folder it wrote
+            page.locator(".prune-lab button", has_text="Export").first.click()
+            page.wait_for_function(
+                "() => (document.querySelector('.prune-lab-status') || {}).textContent?.includes('exported')",
+                timeout=120_000, polling=200)
+            export_status = page.locator(".prune-lab-status").first.inner_text()
+            page.screenshot(path=str(shots / "5_export.png"))
+            exported = Path(re.search(r"exported \d+ files to (.+)$", export_status.strip()).group(1))
+            if (exported / "layers.png").exists():
+                shutil.copy2(exported / "layers.png", shots / "6_exported_layers.png")
         finally:
             ctx.close()
 
@@ -401,6 +414,9 @@ def test_dashboard_drag_in_jupyterlab(pw, jupyterlab, tmp_path):
     assert all(s == readout_text for s in shown), \
         f"readout {readout_text} vs status/panels {shown}: {status!r} {panel_states}"
     assert 0.2 < float(readout_text) < 0.6, f"the drag should have ended near 0.35, readout {readout_text}"
+    # the Export button wrote the panel as a PNG and its data, into the folder the status line names
+    assert (exported / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", export_status
+    assert {"layers.csv", "summary.csv", "settings.json"} <= {f.name for f in exported.iterdir()}, export_status
 
 
 def _copy_out(shots: Path):
