@@ -140,6 +140,7 @@ class PruneLab:
         self._new_width = None  # fit_width's, taken by the next frame
         self._drawn = self._rested = None  # the generations last drawn by a frame and last rested
         self._requests = self._served = 0  # requests made of the worker, and the last it finished (wait_idle)
+        self._requests_lock = threading.Lock()  # _idle is set only while no request is outstanding
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._closed = False
@@ -467,8 +468,9 @@ class PruneLab:
 
     def _request(self):
         """Ask the worker for a pass: a frame if the state or the width changed, the lookahead, the rest phase."""
-        self._requests += 1
-        self._idle.clear()
+        with self._requests_lock:
+            self._requests += 1
+            self._idle.clear()
         self._wake.set()
 
     def _loop(self):
@@ -492,9 +494,10 @@ class PruneLab:
                     continue
                 self._rest_now = False  # only once the rest starts: an "evaluate now" during the lookahead rests
                 self._guard(lambda: self._rest(gen))
-            self._served = req
-            if req == self._requests:
-                self._idle.set()
+            with self._requests_lock:
+                self._served = req
+                if req == self._requests:
+                    self._idle.set()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until the dashboard has drawn everything for the current state (tests, benchmarks, scripts): until
