@@ -346,7 +346,8 @@ def test_evaluate_applies_masks_to_attention_lstm_and_parametrized_layers():
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.skipif(not FULL, reason="the torchvision matrix takes about 25 minutes on 2 cores: PRUNE_LAB_FULL_MATRIX=1")
+@pytest.mark.skipif(not FULL, reason="the torchvision matrix takes about 25 minutes on 2 cores: "
+                                       "PRUNE_LAB_FULL_MATRIX=1")
 @pytest.mark.parametrize("name", list(BIG))
 def test_torchvision_models(name):
     constructor, shape, train = BIG[name]
